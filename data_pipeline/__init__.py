@@ -1,0 +1,1 @@
+"""Ray jobs that turn image-caption sources into WebDataset shards plus a manifest."""

@@ -1,0 +1,1 @@
+"""Pixel-BERT pretraining: model, configs, optimizer, targets (training loop and loader follow)."""

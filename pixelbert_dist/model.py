@@ -1,0 +1,306 @@
+"""Pixel-BERT (Huang et al., 2020): a CNN's pixels and BERT's words in one transformer.
+
+    images -> ResNet -> 1x1 conv -> 2x2 max-pool -> visual tokens (+ semantic embedding)
+    words  -> BERT embeddings
+    [CLS] w1..wn [SEP] v1..vk -> BERT encoder -> MLM head (words), ITM head ([CLS])
+
+The backbone has stride 32 and the pool doubles it: one visual token per 64x64 pixels.
+Images of different sizes are padded at the bottom and right and carry a pixel mask; padded
+activations are zeroed after every norm layer, so a valid token's features are the same as
+for the unpadded image, and padded tokens are never attended to or sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
+from transformers import BertConfig, BertForPreTraining
+from transformers.masking_utils import create_bidirectional_mask
+
+from pixelbert_dist.config import ModelConfig
+
+BACKBONE_STRIDE = 32
+TOKEN_STRIDE = 2 * BACKBONE_STRIDE  # the 2x2 max-pool after the 1x1 conv
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PretrainBatch:
+    """What the model consumes: padded images and tokenized, masked captions."""
+
+    images: Tensor          # (B, 3, H, W) float, normalized, zero where padded
+    pixel_mask: Tensor      # (B, H, W) bool, True on real pixels (top-left aligned)
+    input_ids: Tensor       # (B, T) long, [CLS] caption [SEP] [PAD]..., MLM-masked
+    attention_mask: Tensor  # (B, T) long/bool, 1 on real tokens
+    mlm_labels: Tensor | None = None  # (B, T) long, original id where masked else -100
+    itm_labels: Tensor | None = None  # (B,) long, 1 matching caption, 0 another image's
+
+    def to(self, device: torch.device | str) -> "PretrainBatch":
+        return PretrainBatch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
+
+
+@dataclass
+class PixelBertOutput:
+    """Losses and accuracies; each one alone is there for logging."""
+
+    loss: Tensor
+    mlm_loss: Tensor
+    mlm_accuracy: Tensor
+    itm_loss: Tensor
+    itm_accuracy: Tensor
+    itm_logits: Tensor
+    pooled: Tensor  # (B, hidden): pooled [CLS]
+
+
+def pad_images(images: list[Tensor], multiple: int = TOKEN_STRIDE) -> tuple[Tensor, Tensor]:
+    """Stack (3, h, w) images top-left on a zero canvas rounded up to `multiple`; return the mask."""
+    height = max(img.shape[-2] for img in images)
+    width = max(img.shape[-1] for img in images)
+    height, width = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+    canvas = images[0].new_zeros(len(images), 3, height, width)
+    mask = torch.zeros(len(images), height, width, dtype=torch.bool, device=images[0].device)
+    for i, img in enumerate(images):
+        h, w = img.shape[-2:]
+        canvas[i, :, :h, :w] = img
+        mask[i, :h, :w] = True
+    return canvas, mask
+
+
+# ---------------------------------------------------------------------------- backbone
+
+class _WidthResNet(ResNet):
+    """torchvision's ResNet with chosen stage widths (its own __init__ fixes 64..512)."""
+
+    def __init__(self, block: type[nn.Module], blocks: list[int], widths: list[int],
+                 norm_layer: type[nn.Module]) -> None:
+        nn.Module.__init__(self)
+        self._norm_layer = norm_layer
+        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, widths[0], blocks[0])
+        self.layer2 = self._make_layer(block, widths[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], blocks[2], stride=2)
+        self.layer4 = self._make_layer(block, widths[3], blocks[3], stride=2)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def build_cnn(cfg: ModelConfig) -> ResNet:
+    """The ResNet trunk (stem + 4 stages) named as torchvision names it, without avgpool/fc."""
+    norm = nn.BatchNorm2d if cfg.train_backbone_norm else FrozenBatchNorm2d
+    if cfg.backbone == "resnet50":
+        weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2 if cfg.backbone_weights == "imagenet" else None
+        cnn = torchvision.models.resnet50(weights=weights, norm_layer=norm)
+    elif cfg.backbone == "resnext152_32x8d":
+        if cfg.backbone_weights == "imagenet":
+            raise ValueError("model.backbone_weights=imagenet: torchvision has no ImageNet weights for "
+                             "ResNeXt-152 32x8d; give a path to a converted state dict instead")
+        cnn = ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=8, norm_layer=norm)
+    else:
+        block = BasicBlock if cfg.backbone_block == "basic" else Bottleneck
+        cnn = _WidthResNet(block, cfg.backbone_blocks, cfg.backbone_widths, norm)
+    for head in ("avgpool", "fc"):  # classifier head: unused, and its weights would only load
+        if hasattr(cnn, head):
+            delattr(cnn, head)
+    if cfg.backbone_weights not in ("none", "imagenet"):
+        cnn.load_state_dict(_load_state_dict(cfg.backbone_weights), strict=False)
+    return cnn
+
+
+def _load_state_dict(path: str) -> dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def cnn_out_channels(cnn: ResNet) -> int:
+    last = cnn.layer4[-1]
+    return (last.conv3 if isinstance(last, Bottleneck) else last.conv2).out_channels
+
+
+class VisualEmbedding(nn.Module):
+    """Pixels -> visual tokens: CNN, 1x1 conv to the hidden size, 2x2 max-pool, semantic embedding."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cnn = build_cnn(cfg)
+        self.proj = nn.Conv2d(cnn_out_channels(self.cnn), cfg.hidden_size, kernel_size=1)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
+        self.semantic_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+        self.max_grid = cfg.max_visual_grid
+        if cfg.visual_position_embedding:
+            self.row_embedding = nn.Parameter(torch.randn(cfg.max_visual_grid, cfg.hidden_size) * 0.02)
+            self.col_embedding = nn.Parameter(torch.randn(cfg.max_visual_grid, cfg.hidden_size) * 0.02)
+        else:
+            self.row_embedding = self.col_embedding = None
+        self._pixel_mask: Tensor | None = None
+        for m in self.cnn.modules():
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                m.register_forward_hook(self._zero_padding)
+
+    def _mask_at(self, height: int, width: int) -> Tensor:
+        # A stride-s conv with "same" padding yields ceil(h / s) outputs for h input rows:
+        # exactly the rows where mask[::s] is True, so striding the pixel mask gives each level's mask.
+        stride = self._pixel_mask.shape[-2] // height
+        return self._pixel_mask[:, ::stride, ::stride][:, :height, :width]
+
+    def _zero_padding(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        if self._pixel_mask is None:
+            return None
+        return output * self._mask_at(*output.shape[-2:]).unsqueeze(1).to(output.dtype)
+
+    def cnn_features(self, images: Tensor, pixel_mask: Tensor | None = None) -> Tensor:
+        """Stage-4 features (B, C, H/32, W/32), zero outside each image's valid region."""
+        cnn = self.cnn
+        self._pixel_mask = None if pixel_mask is None or bool(pixel_mask.all()) else pixel_mask
+        try:
+            x = cnn.maxpool(cnn.relu(cnn.bn1(cnn.conv1(images))))
+            if self._pixel_mask is not None:  # a pool window on the border leaks into the padding
+                x = self._zero_padding(cnn.maxpool, (), x)
+            return cnn.layer4(cnn.layer3(cnn.layer2(cnn.layer1(x))))
+        finally:
+            self._pixel_mask = None
+
+    def forward(self, images: Tensor, pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Return visual tokens (B, N, hidden) and their validity (B, N), N = cells of 64x64 px."""
+        images, pixel_mask = _pad_to_multiple(images, pixel_mask, TOKEN_STRIDE)
+        _check_image_sizes(pixel_mask)
+        features = self.proj(self.cnn_features(images, pixel_mask))
+        cell_mask = pixel_mask[:, ::BACKBONE_STRIDE, ::BACKBONE_STRIDE]
+        # -inf outside the image so a pooling window on the border takes only valid cells.
+        features = features.masked_fill(~cell_mask.unsqueeze(1), float("-inf"))
+        grid = self.pool(features)
+        token_mask = pixel_mask[:, ::TOKEN_STRIDE, ::TOKEN_STRIDE]
+        rows, cols = grid.shape[-2:]
+        if self.row_embedding is not None:
+            if max(rows, cols) > self.max_grid:
+                raise ValueError(f"visual grid {rows}x{cols} exceeds model.max_visual_grid={self.max_grid}")
+            position = self.row_embedding[:rows, None, :] + self.col_embedding[None, :cols, :]
+            grid = grid + position.permute(2, 0, 1).unsqueeze(0)
+        tokens = grid.flatten(2).transpose(1, 2) + self.semantic_embedding
+        token_mask = token_mask.flatten(1)
+        return tokens.masked_fill(~token_mask.unsqueeze(-1), 0.0), token_mask
+
+
+def _pad_to_multiple(images: Tensor, pixel_mask: Tensor, multiple: int) -> tuple[Tensor, Tensor]:
+    pad_h = -images.shape[-2] % multiple
+    pad_w = -images.shape[-1] % multiple
+    if pad_h or pad_w:
+        images = F.pad(images, (0, pad_w, 0, pad_h))
+        pixel_mask = F.pad(pixel_mask, (0, pad_w, 0, pad_h), value=False)
+    return images, pixel_mask
+
+
+def _check_image_sizes(pixel_mask: Tensor) -> None:
+    heights = pixel_mask.any(dim=2).sum(dim=1)
+    widths = pixel_mask.any(dim=1).sum(dim=1)
+    small = ((heights < TOKEN_STRIDE) | (widths < TOKEN_STRIDE)).nonzero().flatten().tolist()
+    if small:
+        i = small[0]
+        raise ValueError(
+            f"image {i} of the batch is {int(heights[i])}x{int(widths[i])} pixels, smaller than one "
+            f"visual token cell ({TOKEN_STRIDE}x{TOKEN_STRIDE}); resize it up or drop it "
+            f"({len(small)} such images in this batch)")
+
+
+def sample_visual_tokens(tokens: Tensor, token_mask: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Random pixel sampling: `count` valid tokens per image, uniformly, without replacement.
+
+    Each image draws on its own and anew at every call. An image with fewer valid tokens
+    than `count` keeps all of them; the extra slots are padding (mask False).
+    """
+    count = min(count, tokens.shape[1])
+    scores = torch.rand(token_mask.shape, device=tokens.device).masked_fill(~token_mask, -1.0)
+    index = scores.topk(count, dim=1).indices
+    picked = tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return picked, token_mask.gather(1, index)
+
+
+# ---------------------------------------------------------------------------- Pixel-BERT
+
+def bert_config(cfg: ModelConfig) -> BertConfig:
+    return BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=2,
+        tie_word_embeddings=True)
+
+
+class PixelBert(nn.Module):
+    """Pixel-BERT with its two pre-training heads. `bert.*` and `cls.*` use BERT's own names."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        text = BertForPreTraining(bert_config(cfg))
+        self.bert = text.bert        # embeddings, encoder, pooler
+        self.cls = text.cls          # MLM head (decoder tied to word embeddings) and a 2-way head
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.visual = VisualEmbedding(cfg)
+        if cfg.text_weights != "none":
+            self.load_text_weights(cfg.text_weights)
+
+    def load_text_weights(self, name_or_path: str) -> None:
+        """Load BERT weights (hub name or folder) into the text side by parameter name."""
+        source = BertForPreTraining.from_pretrained(name_or_path).state_dict()
+        own = self.state_dict()
+        for key, value in source.items():
+            if key in own and own[key].shape != value.shape:
+                raise ValueError(f"{name_or_path}: {key} has shape {tuple(value.shape)}, the model "
+                                 f"expects {tuple(own[key].shape)}; check model.hidden_size/vocab_size")
+        self.load_state_dict({k: v for k, v in source.items() if k in own}, strict=False)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor,
+               visual: Tensor | None = None, visual_mask: Tensor | None = None) -> Tensor:
+        """Hidden states of [CLS] w1..wn [SEP] v1..vk; text-only when `visual` is None."""
+        hidden = self.bert.embeddings(input_ids=input_ids)
+        mask = attention_mask.bool()
+        if visual is not None:
+            hidden = torch.cat([hidden, visual.to(hidden.dtype)], dim=1)
+            mask = torch.cat([mask, visual_mask], dim=1)
+        # The same mask BertModel builds, for whichever attention kernel the config selects.
+        attention = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden,
+                                              attention_mask=mask)
+        return self.bert.encoder(hidden, attention_mask=attention).last_hidden_state
+
+    def forward(self, batch: PretrainBatch) -> PixelBertOutput:
+        visual, visual_mask = self.visual(batch.images, batch.pixel_mask)
+        if self.training and self.cfg.pixel_sample_count > 0:
+            visual, visual_mask = sample_visual_tokens(visual, visual_mask, self.cfg.pixel_sample_count)
+        hidden = self.encode(batch.input_ids, batch.attention_mask, visual, visual_mask)
+        pooled = self.bert.pooler(hidden)
+        itm_logits = self.cls.seq_relationship(pooled)
+
+        zero = hidden.new_zeros(())
+        mlm_loss = mlm_accuracy = itm_loss = itm_accuracy = zero
+        if batch.mlm_labels is not None:
+            # Predict only at masked positions: the vocab-sized logits are the largest tensor.
+            text = hidden[:, : batch.input_ids.shape[1]]
+            selected = batch.mlm_labels != IGNORE_INDEX
+            if bool(selected.any()):
+                logits = self.cls.predictions(text[selected]).float()
+                targets = batch.mlm_labels[selected]
+                mlm_loss = F.cross_entropy(logits, targets)
+                mlm_accuracy = (logits.argmax(-1) == targets).float().mean()
+            else:
+                mlm_loss = hidden.sum() * 0.0  # keeps every parameter in the graph
+        if batch.itm_labels is not None:
+            itm_loss = F.cross_entropy(itm_logits.float(), batch.itm_labels)
+            itm_accuracy = (itm_logits.argmax(-1) == batch.itm_labels).float().mean()
+        return PixelBertOutput(loss=mlm_loss + itm_loss, mlm_loss=mlm_loss, mlm_accuracy=mlm_accuracy,
+                               itm_loss=itm_loss, itm_accuracy=itm_accuracy,
+                               itm_logits=itm_logits, pooled=pooled)

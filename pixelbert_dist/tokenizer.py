@@ -1,0 +1,81 @@
+"""WordPiece tokenizer: load BERT's vocab, or train a small one from captions for tests and demos."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import BertTokenizer, PreTrainedTokenizerBase
+
+from pixelbert_dist.targets import SpecialTokens
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """A hub name (`bert-base-uncased`), a folder with vocab.txt, or a vocab.txt file."""
+    path = Path(name_or_path)
+    vocab_file = path / "vocab.txt" if path.is_dir() else path
+    if vocab_file.is_file():
+        missing = set(SPECIAL_TOKENS) - set(vocab_file.read_text(encoding="utf-8").split())
+        if missing:
+            # BertTokenizer would quietly append them, leaving a vocab that matches no model.
+            raise ValueError(f"{vocab_file}: lacks BERT's special tokens {sorted(missing)}; "
+                             f"is it a WordPiece vocab.txt?")
+    if path.is_file():
+        # transformers 5 silently ignores BertTokenizer(vocab_file=...) and maps every
+        # word to [UNK]; `vocab=` is the form that reads the file.
+        tokenizer = BertTokenizer(vocab=str(path), do_lower_case=True)
+    else:
+        tokenizer = BertTokenizer.from_pretrained(name_or_path)
+    return tokenizer
+
+
+def train_wordpiece(captions: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
+    """Train a lower-cased WordPiece vocab on `captions`; return the written vocab.txt."""
+    from tokenizers import BertWordPieceTokenizer
+
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=1,
+                                special_tokens=SPECIAL_TOKENS)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer.save_model(str(out_dir))
+    return out_dir / "vocab.txt"
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+    return SpecialTokens(mask_id=tokenizer.mask_token_id, special_ids=tuple(tokenizer.all_special_ids),
+                         vocab_size=len(tokenizer))
+
+
+@dataclass
+class EncodedCaptions:
+    input_ids: Tensor       # (B, T) long, [CLS] ... [SEP] then [PAD]
+    attention_mask: Tensor  # (B, T) long
+    num_truncated: int      # captions cut to fit max_len
+
+
+def encode_captions(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str], max_len: int,
+                    keys: Sequence[str] | None = None) -> EncodedCaptions:
+    """Tokenize to [CLS] caption [SEP], cut at `max_len` (counted), pad to the longest."""
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str) or not caption.strip():
+            name = keys[i] if keys is not None else f"index {i}"
+            raise ValueError(f"caption of {name} is empty")
+    rows = tokenizer(list(captions), add_special_tokens=True)["input_ids"]
+    num_truncated = 0
+    for i, row in enumerate(rows):
+        if len(row) > max_len:
+            rows[i] = row[: max_len - 1] + [tokenizer.sep_token_id]
+            num_truncated += 1
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    return EncodedCaptions(input_ids, attention_mask, num_truncated)

@@ -1,0 +1,216 @@
+import dataclasses
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.feature_extraction import create_feature_extractor
+from transformers import BertConfig, BertModel
+
+from pixelbert_dist.flops import synthetic_batch
+from pixelbert_dist.model import (TOKEN_STRIDE, PixelBert, PretrainBatch, bert_config, pad_images,
+                                  sample_visual_tokens)
+
+
+def _batch(vocab_size, sizes, text_len=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images, mask = pad_images([torch.randn(3, h, w, generator=gen) for h, w in sizes])
+    n = len(sizes)
+    input_ids = torch.randint(5, vocab_size, (n, text_len), generator=gen)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 2:5] = input_ids[:, 2:5]
+    return PretrainBatch(images, mask, input_ids, torch.ones(n, text_len, dtype=torch.long),
+                         labels, torch.tensor([1, 0] * (n // 2) + [1] * (n % 2)))
+
+
+def test_forward_shapes_finite_losses_and_gradients_reach_the_backbone(tiny_cfg):
+    model = PixelBert(tiny_cfg.model).train()
+    batch = _batch(tiny_cfg.model.vocab_size, [(224, 300), (256, 224), (192, 448)])
+    out = model(batch)
+    for name in ("loss", "mlm_loss", "mlm_accuracy", "itm_loss", "itm_accuracy"):
+        value = getattr(out, name)
+        assert value.shape == () and torch.isfinite(value), name
+    assert torch.allclose(out.loss, out.mlm_loss + out.itm_loss)
+    assert out.itm_logits.shape == (3, 2) and out.pooled.shape == (3, tiny_cfg.model.hidden_size)
+    out.loss.backward()
+    stem = model.visual.cnn.conv1.weight.grad
+    assert stem is not None and stem.abs().sum() > 0
+    assert model.visual.semantic_embedding.grad.abs().sum() > 0
+    assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_mlm_decoder_is_tied_to_word_embeddings(tiny_cfg):
+    model = PixelBert(tiny_cfg.model)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+
+
+def test_backbone_norms_frozen_by_default_and_trainable_as_an_option(tiny_cfg):
+    frozen = PixelBert(tiny_cfg.model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.visual.cnn.modules())
+    trainable = PixelBert(dataclasses.replace(tiny_cfg.model, train_backbone_norm=True))
+    norms = [m for m in trainable.visual.cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.weight.requires_grad for m in norms)
+
+
+def _tokens_and_mask(model, sizes):
+    images, mask = pad_images([torch.randn(3, h, w) for h, w in sizes])
+    return model.visual(images, mask)
+
+
+def test_token_grid_has_stride_64_and_marks_padding(tiny_cfg):
+    model = PixelBert(tiny_cfg.model).eval()
+    tokens, valid = _tokens_and_mask(model, [(640, 640), (130, 200)])
+    assert tokens.shape == (2, 100, tiny_cfg.model.hidden_size)
+    assert valid[0].all()
+    # 130x200 px -> ceil(130/64) x ceil(200/64) = 3 x 4 cells, top-left in the 10x10 grid
+    expected = torch.zeros(10, 10, dtype=torch.bool)
+    expected[:3, :4] = True
+    assert torch.equal(valid[1].view(10, 10), expected)
+    assert tokens[1][~valid[1]].abs().sum() == 0
+
+
+def test_pixel_sampling_takes_only_valid_tokens_exact_count_fresh_draws():
+    hidden = 8
+    tokens = torch.arange(2 * 400 * hidden, dtype=torch.float).view(2, 400, hidden)
+    valid = torch.zeros(2, 400, dtype=torch.bool)
+    valid[0, :300] = True
+    valid[1, 50:350] = True
+    torch.manual_seed(0)
+    picked, picked_valid = sample_visual_tokens(tokens, valid, 100)
+    assert picked.shape == (2, 100, hidden) and picked_valid.all()
+    ids = (picked[..., 0] / hidden).long() % 400  # recover each token's index
+    assert all(valid[i, ids[i]].all() for i in range(2))
+    assert all(len(set(ids[i].tolist())) == 100 for i in range(2))  # without replacement
+    assert set(ids[0].tolist()) != set((ids[1] - 50).tolist())      # each image draws on its own
+    again, _ = sample_visual_tokens(tokens, valid, 100)
+    assert not torch.equal(again, picked)                           # and anew at every call
+
+
+def test_pixel_sampling_spreads_uniformly_over_valid_tokens():
+    valid = torch.zeros(1, 40, dtype=torch.bool)
+    valid[0, 10:30] = True
+    tokens = torch.arange(40, dtype=torch.float).view(1, 40, 1)
+    counts = torch.zeros(40)
+    torch.manual_seed(1)
+    for _ in range(2000):
+        picked, _ = sample_visual_tokens(tokens, valid, 5)
+        counts[picked[0, :, 0].long()] += 1
+    assert counts[~valid[0]].sum() == 0
+    expected = 2000 * 5 / 20
+    assert ((counts[valid[0]] - expected).abs() / expected).max() < 0.15
+
+
+def test_image_with_fewer_valid_tokens_than_count_keeps_all_of_them():
+    tokens = torch.randn(1, 30, 4)
+    valid = torch.zeros(1, 30, dtype=torch.bool)
+    valid[0, :12] = True
+    picked, picked_valid = sample_visual_tokens(tokens, valid, 20)
+    assert picked.shape == (1, 20, 4) and picked_valid.sum() == 12
+
+
+def test_model_samples_configured_count_in_training_and_all_tokens_in_eval(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg.model, pixel_sample_count=20)
+    model = PixelBert(cfg)
+    seen = []
+    model.bert.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    batch = _batch(cfg.vocab_size, [(448, 448), (384, 512)], text_len=10)
+    model.train()(batch)
+    model.eval()(batch)
+    assert seen == [10 + 20, 10 + 56]  # every cell of the 448x512 canvas (7x8) in eval
+
+
+def test_padding_the_same_image_two_ways_gives_the_same_output_in_eval(tiny_cfg):
+    model = PixelBert(tiny_cfg.model).eval()
+    image = torch.randn(3, 200, 290)
+    other = torch.randn(3, 320, 448)
+    text = _batch(tiny_cfg.model.vocab_size, [(64, 64)] * 2)
+    outputs = []
+    for companions in ([], [other]):
+        images, mask = pad_images([image, *companions])
+        n = 1 + len(companions)
+        batch = PretrainBatch(images, mask, text.input_ids[:1].expand(n, -1),
+                              text.attention_mask[:1].expand(n, -1))
+        with torch.no_grad():
+            outputs.append(model(batch).pooled[0])
+    assert outputs[0].shape == outputs[1].shape
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5), (outputs[0] - outputs[1]).abs().max()
+
+
+def test_image_smaller_than_one_token_cell_is_a_clear_error(tiny_cfg):
+    model = PixelBert(tiny_cfg.model)
+    batch = _batch(tiny_cfg.model.vocab_size, [(256, 256), (40, 300)])
+    with pytest.raises(ValueError, match=r"image 1 of the batch is 40x300 pixels, smaller than one visual token cell"):
+        model(batch)
+
+
+def test_visual_position_embedding_option(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg.model, visual_position_embedding=True, max_visual_grid=4)
+    model = PixelBert(cfg).eval()
+    assert model.visual.row_embedding.shape == (4, cfg.hidden_size)
+    _tokens_and_mask(model, [(256, 256)])
+    with pytest.raises(ValueError, match="exceeds model.max_visual_grid=4"):
+        _tokens_and_mask(model, [(320, 256)])
+
+
+def test_text_side_matches_transformers_bert_after_loading_its_weights(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.model
+    torch.manual_seed(3)
+    reference = BertModel(bert_config(cfg), add_pooling_layer=True).eval()
+    reference.save_pretrained(tmp_path / "bert")
+    model = PixelBert(dataclasses.replace(cfg, text_weights=str(tmp_path / "bert"))).eval()
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, cfg.vocab_size, (3, 12), generator=gen)
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[1, 8:] = 0
+    with torch.no_grad():
+        ours = model.encode(input_ids, attention_mask)
+        theirs = reference(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    keep = attention_mask.bool()
+    assert torch.allclose(ours[keep], theirs[keep], atol=1e-5), (ours[keep] - theirs[keep]).abs().max()
+
+
+def test_text_weights_of_another_shape_are_refused_by_name(tiny_cfg, tmp_path):
+    other = BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=128)
+    BertModel(other).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match=r"bert.embeddings.word_embeddings.weight has shape \(500, 64\)"):
+        PixelBert(dataclasses.replace(tiny_cfg.model, text_weights=str(tmp_path / "bert")))
+
+
+def test_resnet50_backbone_equals_torchvision_with_the_same_weights(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg.model, backbone="resnet50")
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50().eval()
+    for m in reference.modules():  # non-trivial statistics so frozen norms matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    model = PixelBert(cfg).eval()
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    missing, unexpected = model.visual.cnn.load_state_dict(state, strict=False)
+    assert not missing and all(k.endswith("num_batches_tracked") for k in unexpected)
+    images = torch.randn(2, 3, 128, 192)
+    stage4 = create_feature_extractor(reference, ["layer4"])
+    with torch.no_grad():
+        ours = model.visual.cnn_features(images)
+        theirs = stage4(images)["layer4"]
+    assert ours.shape == theirs.shape == (2, 2048, 4, 6)
+    # FrozenBatchNorm2d folds the statistics in another order than BatchNorm2d: float noise only.
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
+    assert theirs.abs().max() > 0
+
+
+def test_resnext152_is_torchvisions_resnet_with_the_paper_layout(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg.model, backbone="resnext152_32x8d")
+    cnn = PixelBert(cfg).visual.cnn
+    assert [len(getattr(cnn, f"layer{i}")) for i in range(1, 5)] == [3, 8, 36, 3]
+    conv = cnn.layer1[0].conv2
+    assert conv.groups == 32 and conv.in_channels == 256  # 64 planes * 8/64 * 32 groups
+    assert not hasattr(cnn, "fc")
+
+
+def test_synthetic_batch_runs_through_the_model(tiny_cfg):
+    model = PixelBert(tiny_cfg.model).train()
+    batch = synthetic_batch(tiny_cfg.model.vocab_size, 2, (TOKEN_STRIDE * 3, TOKEN_STRIDE * 4), 12)
+    assert torch.isfinite(model(batch).loss)
