@@ -241,9 +241,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 schema: type = PretrainConfig) -> Any:
     """Build `schema` from a YAML file (optional) and `--section.key=value` overrides."""
     raw: dict[str, Any] = {}
-    where = "defaults"
     if path is not None:
-        where = str(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
@@ -256,14 +254,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         dotted, value = _parse_override(override)
         section, _, key = dotted.partition(".")
         _require(bool(section and key), f"override {override!r}: expected --section.key=value")
-        raw.setdefault(section, {})
-        _require(isinstance(raw[section], dict), f"{where}: {section} must be a mapping")
-        raw[section][key] = value
-        where = f"{where} + overrides" if "overrides" not in where else where
+        target = raw.setdefault(section, {})
+        _require(isinstance(target, dict), f"{path}: section {section} must be a mapping")
+        target[key] = value
+    where = " + ".join(filter(None, [str(path) if path else "", "overrides" if overrides else ""]))
     try:
         return _build(schema, raw, prefix="")
     except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
+        raise ConfigError(f"{where or 'defaults'}: {err}") from None
 
 
 def _parse_override(arg: str) -> tuple[str, Any]:
@@ -332,7 +330,7 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+    if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
         raise wrong
     return value
 
@@ -367,16 +365,21 @@ def describe(schema: type = PretrainConfig) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """`python -m pixelbert_dist.config [CONFIG.yaml] [--section.key=value ...]`: print it resolved."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(describe())
-        return
+        return 0
     path = argv[0] if argv and not argv[0].startswith("--") else None
-    overrides = argv[1:] if path else argv
-    print(yaml.safe_dump(load_config(path, overrides).to_dict(), sort_keys=False))
+    try:
+        cfg = load_config(path, argv[1:] if path else argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -113,17 +113,22 @@ def build_cnn(cfg: ModelConfig) -> ResNet:
         if hasattr(cnn, head):
             delattr(cnn, head)
     if cfg.backbone_weights not in ("none", "imagenet"):
-        cnn.load_state_dict(_load_state_dict(cfg.backbone_weights), strict=False)
+        _load_backbone_file(cnn, cfg.backbone_weights)
     return cnn
 
 
-def _load_state_dict(path: str) -> dict[str, Tensor]:
+def _load_backbone_file(cnn: ResNet, path: str) -> None:
+    """Load a torchvision-named ResNet state dict (.safetensors, or .pt read with weights_only)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        cnn.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"model.backbone_weights={path} does not fit model.backbone: {err}") from None
 
 
 def cnn_out_channels(cnn: ResNet) -> int:

@@ -114,3 +114,10 @@ def test_every_field_has_one_docstring_line_and_help_lists_it(capsys):
     config_module.main(["--help"])
     out = capsys.readouterr().out
     assert "--model.pixel_sample_count=100" in out and "random pixel sampling" in out
+
+
+def test_cli_prints_the_resolved_config_and_exits_2_on_errors(capsys):
+    assert config_module.main([str(REPO / "configs/pretrain/tiny-cpu.yaml"), "--model.num_layers=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["num_layers"] == 3
+    assert config_module.main(["--model.hiden_size=3"]) == 2
+    assert "did you mean 'model.hidden_size'" in capsys.readouterr().err

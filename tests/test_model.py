@@ -214,3 +214,32 @@ def test_synthetic_batch_runs_through_the_model(tiny_cfg):
     model = PixelBert(tiny_cfg.model).train()
     batch = synthetic_batch(tiny_cfg.model.vocab_size, 2, (TOKEN_STRIDE * 3, TOKEN_STRIDE * 4), 12)
     assert torch.isfinite(model(batch).loss)
+
+
+def test_paper_r50_config_has_the_names_and_shapes_of_bert_base_and_torchvision_resnet50():
+    # What makes `text_weights: bert-base-uncased` and `backbone_weights: imagenet` load by name,
+    # checked offline against randomly initialised reference models of the same architecture.
+    from pixelbert_dist.config import load_config
+    from tests.conftest import REPO
+    from transformers import BertForPreTraining
+    cfg = load_config(REPO / "configs/pretrain/r50-coco-vg.yaml",
+                      ["--model.backbone_weights=none", "--model.text_weights=none"])
+    model = PixelBert(cfg.model)
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    bert = {k: v.shape for k, v in BertForPreTraining(bert_config(cfg.model)).state_dict().items()}
+    assert {k: ours.get(k) for k in bert} == bert
+    resnet = {f"visual.cnn.{k}": v.shape for k, v in torchvision.models.resnet50().state_dict().items()
+              if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    assert {k: ours.get(k) for k in resnet} == resnet
+
+
+def test_backbone_weights_file_loads_strictly(tiny_cfg, tmp_path):
+    from safetensors.torch import save_file
+    source = PixelBert(tiny_cfg.model).visual.cnn
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "cnn.safetensors")
+    loaded = PixelBert(dataclasses.replace(tiny_cfg.model, backbone_weights=str(tmp_path / "cnn.safetensors")))
+    for (name, a), b in zip(source.state_dict().items(), loaded.visual.cnn.state_dict().values()):
+        assert torch.equal(a, b), name
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match=r"backbone_weights=.*wrong.pt does not fit model.backbone"):
+        PixelBert(dataclasses.replace(tiny_cfg.model, backbone_weights=str(tmp_path / "wrong.pt")))
