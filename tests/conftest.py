@@ -84,3 +84,57 @@ def ray_local(s3_server):
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head` on 127.0.0.1 as its own process tree; yields the job-submission address.
+
+    Started with --block and stopped by signalling that process, not `ray stop`, which would
+    also kill the session's in-process cluster.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    bin_dir = Path(sys.executable).parent
+    port, dashboard = _free_port(), _free_port()
+    import uuid
+    # Ray 2.60 turns token authentication on for a head node; the client needs the same token.
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         "--disable-usage-stats", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    import signal
+    import urllib.error
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 401 under Ray's token auth: the server is up
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError("ray start --head did not come up")
+            time.sleep(0.5)
+    # The dashboard answers before its job agent is ready: wait until a trivial job runs.
+    while subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--", "python", "-c", "pass"],
+                         env=env, capture_output=True).returncode != 0:
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError("the Ray head never accepted a job")
+        time.sleep(1)
+    yield {"jobs": address, "gcs": f"127.0.0.1:{port}", "env": env}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
