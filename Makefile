@@ -21,3 +21,12 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# img2dataset pins old numpy/pandas/albumentations: it gets a venv of its own for the benchmark.
+benchmarks/.venv-img2dataset/bin/img2dataset:
+	$(PYTHON) -m venv benchmarks/.venv-img2dataset
+	benchmarks/.venv-img2dataset/bin/pip install --quiet img2dataset==1.47.0
+
+.PHONY: bench-sharding
+bench-sharding: $(STAMP) benchmarks/.venv-img2dataset/bin/img2dataset
+	$(PY) benchmarks/bench_sharding.py

@@ -147,12 +147,22 @@ def build_shard(index: int, records: list[Record], settings: ImageSettings, stor
 
 
 def _read_image(record: Record) -> bytes:
+    """The image's bytes; an absent or forbidden file is a skipped sample, not a failed task.
+
+    Other errors (a network fault that outlived boto's retries) propagate: Ray retries the task.
+    """
+    from botocore.exceptions import ClientError
+
     try:
         return read_uri(record.image, record.byte_range)
     except (FileNotFoundError, StorageError):
         raise BadImage("missing_file", f"{record.image} does not exist") from None
     except IsADirectoryError:
         raise BadImage("missing_file", f"{record.image} is a folder") from None
+    except PermissionError as err:
+        raise BadImage("read_error", f"{record.image}: {err}") from None
+    except ClientError as err:
+        raise BadImage("read_error", f"{record.image}: {err.response.get('Error', {}).get('Code')}") from None
 
 
 # ---------------------------------------------------------------------------- the job

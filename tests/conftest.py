@@ -108,6 +108,10 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         # agents default to fixed ports that the session's in-process cluster already holds
+         *(f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "metrics-export-port", "runtime-env-agent-port",
+                                                    "ray-client-server-port")),
          "--disable-usage-stats", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -126,11 +130,14 @@ def ray_head(tmp_path_factory):
                 raise RuntimeError("ray start --head did not come up")
             time.sleep(0.5)
     # The dashboard answers before its job agent is ready: wait until a trivial job runs.
-    while subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--", "python", "-c", "pass"],
-                         env=env, capture_output=True).returncode != 0:
+    while True:
+        probe = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--",
+                                "python", "-c", "pass"], env=env, capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError("the Ray head never accepted a job")
+            raise RuntimeError(f"the Ray head never accepted a job: {probe.stdout[-1500:]} {probe.stderr[-1500:]}")
         time.sleep(1)
     yield {"jobs": address, "gcs": f"127.0.0.1:{port}", "env": env}
     os.killpg(proc.pid, signal.SIGTERM)

@@ -56,3 +56,27 @@ def test_manifest_without_the_image_column_names_it(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps({"url": "a.jpg", "caption": "x"}) + "\n")
     with pytest.raises(SourceError, match="row 0 has no column 'image' \\(columns: url, caption\\); set image_column="):
         list(read_records(SourceSpec.parse(f"manifest:path={tmp_path / 'm.jsonl'}")))
+
+
+def test_s3_storage_round_trip_with_multipart_and_ranges(tmp_path, bucket, monkeypatch):
+    from data_pipeline import storage as storage_module
+    from data_pipeline.storage import StorageError, open_storage, read_uri, sha256_of
+
+    monkeypatch.setattr(storage_module, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's smallest part
+    store = open_storage(f"s3://{bucket}/prefix")
+    store.check_writable()
+    big = tmp_path / "big.bin"
+    payload = bytes(range(256)) * (12 * 1024 * 1024 // 256)  # 12 MB: three parts
+    big.write_bytes(payload)
+    store.upload_file("big.tar", str(big))
+    assert store.size("big.tar") == len(payload)
+    with store.open_read("big.tar") as stream:
+        digest, size = sha256_of(stream)
+    assert size == len(payload) and digest == __import__("hashlib").sha256(payload).hexdigest()
+    assert store.read_bytes("big.tar", (1000, 10)) == payload[1000:1010]
+    assert read_uri(f"s3://{bucket}/prefix/big.tar", (5, 3)) == payload[5:8]
+    assert store.list() == ["big.tar"]
+    with pytest.raises(StorageError, match="does not exist"):
+        store.read_bytes("absent.tar")
+    with pytest.raises(StorageError, match="bucket 'absent-bucket-1' does not exist"):
+        open_storage("s3://absent-bucket-1/x").check_writable()

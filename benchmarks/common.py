@@ -1,0 +1,76 @@
+"""Shared by the benchmarks: hardware tag, memory sampling, and result files a person can read.
+
+Every benchmark writes benchmarks/results/<theme>_<hardware>_<date>.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def hardware_tag() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0).replace("NVIDIA ", "").replace(" ", "-").lower()
+    except ImportError:
+        pass
+    return f"cpu-{platform.machine()}-{os.cpu_count()}c"
+
+
+class MemoryPeak:
+    """Peak rise of the machine's used memory while the block runs (all processes it starts)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, (psutil.virtual_memory().used - self._start) / 2**20)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "MemoryPeak":
+        self._start = psutil.virtual_memory().used
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(value) -> str:
+        return f"{value:,.2f}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(theme: str, title: str, body_md: str, data: dict, plot=None,
+                  out_dir: Path = RESULTS) -> Path:
+    """Write <theme>_<hardware>_<date>.md/.json (and .png when `plot(path)` is given)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{theme}_{hardware_tag()}_{datetime.date.today().isoformat()}"
+    data = {"theme": theme, "hardware": hardware_tag(), "date": datetime.date.today().isoformat(),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(), **data}
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    if plot is not None:
+        plot(stem.with_suffix(".png"))
+    config = "```json\n" + json.dumps(data.get("config", {}), indent=1) + "\n```"
+    image = f"\n![{theme}]({stem.with_suffix('.png').name})\n" if plot is not None else ""
+    stem.with_suffix(".md").write_text(f"# {title}\n\n{hardware_tag()}, {data['date']}\n\n{body_md}\n"
+                                       f"{image}\n## Configuration\n\n{config}\n")
+    return stem.with_suffix(".md")
