@@ -108,7 +108,7 @@ def build_shard(index: int, records: list[Record], settings: ImageSettings, stor
     if done is not None:
         return done
     written, captions, skipped, examples = Counter(), Counter(), {}, []
-    reencoded = 0
+    reencoded, caption_counts = 0, []
     with tempfile.NamedTemporaryFile(dir=spool_dir(), suffix=".tar") as spool:
         writer = ShardWriter(spool)
         for record in records:
@@ -128,6 +128,7 @@ def build_shard(index: int, records: list[Record], settings: ImageSettings, stor
                                       "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
             written[record.source] += 1
             captions[record.source] += len(record.captions)
+            caption_counts.append(len(record.captions))
             reencoded += image.reencoded
         writer.close()
         spool.flush()
@@ -138,7 +139,7 @@ def build_shard(index: int, records: list[Record], settings: ImageSettings, stor
     result = ShardResult(
         index=index, name=shard_name(index), index_file=index_name(index),
         num_samples=len(writer.samples), bytes=size, sha256=digest,
-        samples=[s.to_manifest() for s in writer.samples],
+        samples=[{**s.to_manifest(), "captions": n} for s, n in zip(writer.samples, caption_counts)],
         records=dict(Counter(r.source for r in records)), written=dict(written), captions=dict(captions),
         skipped={source: dict(c) for source, c in skipped.items()}, skipped_examples=examples,
         reencoded=reencoded)
@@ -251,7 +252,8 @@ def write_manifest(storage: Storage, plan: Plan, settings: JobSettings, results:
         "num_samples": sum(r.num_samples for r in results),
         "num_captions": sum(captions.values()),
         "num_shards": len(results),
-        "shards": [{"name": r.name, "index": r.index_file, "num_samples": r.num_samples, "bytes": r.bytes,
+        "shards": [{"name": r.name, "index": r.index_file, "num_samples": r.num_samples,
+                    "num_captions": sum(s["captions"] for s in r.samples), "bytes": r.bytes,
                     "sha256": r.sha256, "samples": r.samples} for r in results],
         "stats": {
             "records": dict(plan.records), "written": dict(written), "captions": dict(captions),

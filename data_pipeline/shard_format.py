@@ -136,7 +136,7 @@ class ShardResult:
     num_samples: int
     bytes: int
     sha256: str
-    samples: list[dict]
+    samples: list[dict]       # key, offset, size, captions (count) per sample, in tar order
     records: dict[str, int]   # per source: records assigned to this shard
     written: dict[str, int]   # per source: samples written
     captions: dict[str, int]  # per source: captions written

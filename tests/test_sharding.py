@@ -114,6 +114,11 @@ def test_shuffled_globally_and_cut_into_shards_of_the_configured_size(mixed_run)
 
 def test_manifest_offsets_and_checksums_locate_every_sample(mixed_run):
     manifest = _manifest(mixed_run)
+    samples = _read_back(mixed_run)
+    for shard_entry in manifest["shards"]:
+        counts = [s["captions"] for s in shard_entry["samples"]]
+        assert counts == [len(json.loads(samples[s["key"]]["json"])["captions"]) for s in shard_entry["samples"]]
+        assert shard_entry["num_captions"] == sum(counts)
     for shard_entry in manifest["shards"]:
         data = (mixed_run / shard_entry["name"]).read_bytes()
         assert len(data) == shard_entry["bytes"]
