@@ -33,7 +33,7 @@ class Storage(Protocol):
     def exists(self, name: str) -> bool: ...
     def size(self, name: str) -> int | None: ...
     def read_bytes(self, name: str, byte_range: tuple[int, int] | None = None) -> bytes: ...
-    def open_read(self, name: str) -> BinaryIO: ...
+    def open_read(self, name: str, offset: int = 0) -> BinaryIO: ...
     def write_bytes(self, name: str, data: bytes) -> None: ...
     def upload_file(self, name: str, local_path: str) -> None: ...
     def delete(self, name: str) -> None: ...
@@ -90,11 +90,13 @@ class LocalStorage:
         except FileNotFoundError:
             raise StorageError(f"{self._path(name)} does not exist") from None
 
-    def open_read(self, name: str) -> BinaryIO:
+    def open_read(self, name: str, offset: int = 0) -> BinaryIO:
         try:
-            return open(self._path(name), "rb")
+            stream = open(self._path(name), "rb")
         except FileNotFoundError:
             raise StorageError(f"{self._path(name)} does not exist") from None
+        stream.seek(offset)
+        return stream
 
     def _atomic(self, name: str, fill) -> None:
         target = self._path(name)
@@ -205,8 +207,9 @@ class S3Storage:
         start, length = byte_range
         return self._get(name, Range=f"bytes={start}-{start + length - 1}").read()
 
-    def open_read(self, name: str) -> BinaryIO:
-        return self._get(name)  # a streaming body: read() in chunks, never held whole
+    def open_read(self, name: str, offset: int = 0) -> BinaryIO:
+        # a streaming body: read() in chunks, never held whole; a ranged GET to start mid-object
+        return self._get(name, Range=f"bytes={offset}-") if offset else self._get(name)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)

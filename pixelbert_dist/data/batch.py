@@ -1,0 +1,75 @@
+"""Stages 4-5 of the loader: decode and resize images on the CPU; tokenize, mask, batch.
+
+Resize rule (the paper's): scale so the shorter side is S, unless the longer side would
+exceed L; then normalize with ImageNet statistics and pad into one batch with pixel masks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from pixelbert_dist.config import DataConfig
+from pixelbert_dist.data.stream import Pair
+from pixelbert_dist.model import IGNORE_INDEX, PretrainBatch, pad_images
+from pixelbert_dist.targets import itm_caption_assignment, mask_tokens
+from pixelbert_dist.tokenizer import encode_captions, special_tokens
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resized_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
+    scale = min(short / min(height, width), long / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def decode_resize(jpeg: bytes, short: int, long: int) -> Tensor:
+    """(3, h, w) float image, normalized. Raises ValueError on an image that does not decode."""
+    try:
+        image = decode_image(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"image does not decode: {err}") from None
+    size = resized_size(*image.shape[-2:], short, long)
+    image = TF.resize(image, list(size), antialias=True)
+    return TF.normalize(image.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+
+
+class BatchBuilder:
+    """Pairs -> PretrainBatch: images padded with masks, ITM negatives, MLM masking.
+
+    ITM swaps the captions of half the pairs for another image's. Every caption is then
+    masked, negatives too, so [MASK] tokens say nothing about the ITM label; MLM loss is
+    taken on matching pairs only (a mismatched caption cannot be predicted from the image).
+    """
+
+    def __init__(self, tokenizer, cfg: DataConfig) -> None:
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.special = special_tokens(tokenizer)
+        self._decoded: OrderedDict[str, Tensor] = OrderedDict()  # consecutive pairs share images
+        self.truncated = 0
+
+    def image(self, pair: Pair) -> Tensor:
+        if pair.key not in self._decoded:
+            self._decoded[pair.key] = decode_resize(pair.jpeg, self.cfg.image_short_side, self.cfg.image_long_side)
+            while len(self._decoded) > 64:
+                self._decoded.popitem(last=False)
+        return self._decoded[pair.key]
+
+    def __call__(self, pairs: list[Pair], images: list[Tensor], generator: torch.Generator) -> PretrainBatch:
+        keys = [p.key for p in pairs]
+        # a batch of one image (a one-image shard) cannot have negatives: all pairs match
+        fraction = self.cfg.itm_negative_fraction if len(set(keys)) > 1 else 0.0
+        caption_index, itm_labels = itm_caption_assignment(keys, fraction, generator)
+        captions = [pairs[i].caption for i in caption_index.tolist()]
+        encoded = encode_captions(self.tokenizer, captions, self.cfg.max_text_len, keys=keys)
+        self.truncated += encoded.num_truncated
+        input_ids, mlm_labels = mask_tokens(encoded.input_ids, encoded.attention_mask, self.special,
+                                            self.cfg.mlm_probability, generator)
+        mlm_labels[itm_labels == 0] = IGNORE_INDEX
+        pixels, pixel_mask = pad_images(images)
+        return PretrainBatch(pixels, pixel_mask, input_ids, encoded.attention_mask, mlm_labels, itm_labels)

@@ -1,0 +1,138 @@
+"""Stage 1 of the loader: which image-caption pairs each (rank, loader worker) reads.
+
+An epoch counts pairs (the paper's definition: COCO has ~5 per image, VG ~50). A shard's
+pairs are numbered window by window: the samples are taken MIX_WINDOW at a time in tar
+order and their captions dealt round-robin (caption 0 of each, then caption 1 of each...),
+so the captions of one image are spread out rather than back to back, reading stays
+sequential, and a position is one integer per shard: a reader seeks to the window's first
+sample and skips into it.
+
+Progress is a set of consumed pair ranges per shard. The pairs not yet consumed, in a
+shard order drawn from (seed, epoch), are cut into equal contiguous parts, one per global
+worker. Because the cut is made from what remains, a job resumed on a different number of
+ranks or workers continues with exactly the unseen pairs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import random
+from dataclasses import dataclass
+
+from data_pipeline.shard_format import MANIFEST
+from data_pipeline.storage import StorageError, open_storage
+
+MIX_WINDOW = 16  # samples whose captions are dealt round-robin
+
+
+def round_robin(counts: list[int]) -> list[tuple[int, int]]:
+    """(sample within window, caption index) in dealing order."""
+    order = []
+    for caption in range(max(counts, default=0)):
+        order.extend((sample, caption) for sample, count in enumerate(counts) if caption < count)
+    return order
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Pairs [start, end) of one shard."""
+
+    shard: str
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+class Manifest:
+    """A dataset's manifest.json: shards, their samples' byte offsets and caption counts."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.storage = open_storage(url)
+        try:
+            data = json.loads(self.storage.read_bytes(MANIFEST))
+        except StorageError as err:
+            raise StorageError(f"no dataset at {url}: {err}") from None
+        self.shards = {s["name"]: s for s in data["shards"]}
+        self.order = [s["name"] for s in data["shards"]]
+        # first pair index of every window, per shard
+        self._windows = {}
+        for name, shard in self.shards.items():
+            counts = [sample["captions"] for sample in shard["samples"]]
+            starts, total = [], 0
+            for first in range(0, len(counts), MIX_WINDOW):
+                starts.append(total)
+                total += sum(counts[first:first + MIX_WINDOW])
+            self._windows[name] = (starts, total)
+
+    def num_pairs(self, shard: str) -> int:
+        return self._windows[shard][1]
+
+    def locate(self, shard: str, pair: int) -> tuple[int, int]:
+        """(window's first sample index, position of the pair within the window)."""
+        starts, _ = self._windows[shard]
+        window = bisect.bisect_right(starts, pair) - 1
+        return window * MIX_WINDOW, pair - starts[window]
+
+    def window_counts(self, shard: str, first_sample: int) -> list[int]:
+        samples = self.shards[shard]["samples"][first_sample:first_sample + MIX_WINDOW]
+        return [sample["captions"] for sample in samples]
+
+    @property
+    def total_pairs(self) -> int:
+        return sum(total for _, total in self._windows.values())
+
+    def check_shards_present(self) -> None:
+        """A listed shard that is missing or of the wrong size is an error before training."""
+        for name, shard in self.shards.items():
+            size = self.storage.size(name)
+            if size != shard["bytes"]:
+                found = "missing" if size is None else f"{size} bytes"
+                raise StorageError(f"{self.url}: shard {name} is {found}, the manifest lists {shard['bytes']} bytes")
+
+
+def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def remaining_segments(manifest: Manifest, consumed: dict[str, list[list[int]]], seed: int,
+                       epoch: int) -> list[Segment]:
+    """Unconsumed pairs of the epoch, shards in a seeded order."""
+    order = list(manifest.order)
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    segments = []
+    for shard in order:
+        position = 0
+        for start, end in merge_ranges(consumed.get(shard, [])) + [[manifest.num_pairs(shard)] * 2]:
+            if start > position:
+                segments.append(Segment(shard, position, start))
+            position = max(position, end)
+    return segments
+
+
+def split_even(segments: list[Segment], parts: int) -> list[list[Segment]]:
+    """Cut the concatenated segments into `parts` contiguous pieces differing by at most one pair."""
+    total = sum(len(s) for s in segments)
+    sizes = [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+    pieces: list[list[Segment]] = [[] for _ in range(parts)]
+    part, room = 0, sizes[0] if parts else 0
+    for segment in segments:
+        start = segment.start
+        while start < segment.end:
+            while room == 0:
+                part += 1
+                room = sizes[part]
+            take = min(room, segment.end - start)
+            pieces[part].append(Segment(segment.shard, start, start + take))
+            start += take
+            room -= take
+    return pieces

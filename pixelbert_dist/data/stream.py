@@ -1,0 +1,80 @@
+"""Stages 2-3 of the loader: read a worker's segments sequentially, interleave them seeded.
+
+Shards are read as byte streams (a ranged GET on S3) starting at the first needed sample;
+only raw member bytes and our own JSON come out of a tar: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from data_pipeline.shard_format import read_samples
+from pixelbert_dist.data.plan import Manifest, Segment, round_robin
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image-caption pair, still encoded."""
+
+    shard: str
+    index: int      # pair index within the shard
+    key: str        # the image's sample key
+    jpeg: bytes
+    caption: str
+
+
+def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
+    """Pairs [start, end) of a shard, in the shard's pair order (windows dealt round-robin)."""
+    first_sample, position = manifest.locate(segment.shard, segment.start)
+    offset = manifest.shards[segment.shard]["samples"][first_sample]["offset"]
+    pair = segment.start
+    window: list[tuple[str, bytes, list[str]]] = []
+    with manifest.storage.open_read(segment.shard, offset) as stream:
+        samples = read_samples(stream)
+        while pair < segment.end:
+            counts = manifest.window_counts(segment.shard, first_sample)
+            window = [next(samples) for _ in counts]
+            decoded = [(entry.key, members.get("jpg", b""), json.loads(members["json"])["captions"])
+                       for entry, members in window]
+            for sample, caption in round_robin(counts)[position:]:
+                if pair >= segment.end:
+                    return
+                key, jpeg, captions = decoded[sample]
+                yield Pair(segment.shard, pair, key, jpeg, captions[caption])
+                pair += 1
+            first_sample, position = first_sample + len(counts), 0
+
+
+def interleave_order(segments: list[Segment], open_count: int, rng: random.Random) -> list[int]:
+    """Which segment each successive pair comes from: up to `open_count` open at a time,
+    the next drawn at random. Computed without I/O, so a resumed worker can replay it."""
+    remaining = [len(s) for s in segments]
+    pending, open_ = list(range(len(segments))), []
+    order: list[int] = []
+    while pending or open_:
+        while pending and len(open_) < open_count:
+            open_.append(pending.pop(0))
+        slot = rng.randrange(len(open_))
+        segment = open_[slot]
+        if remaining[segment] == 0:
+            open_.pop(slot)
+            continue
+        order.append(segment)
+        remaining[segment] -= 1
+    return order
+
+
+def interleave(manifest: Manifest, segments: list[Segment], order: list[int], skip: int) -> Iterator[Pair]:
+    """The pairs of `order[skip:]`, each segment read as one sequential stream."""
+    starts = [s.start for s in segments]
+    for segment in order[:skip]:
+        starts[segment] += 1
+    streams: dict[int, Iterator[Pair]] = {}
+    for segment in order[skip:]:
+        if segment not in streams:
+            piece = segments[segment]
+            streams[segment] = read_segment(manifest, Segment(piece.shard, starts[segment], piece.end))
+        yield next(streams[segment])
