@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import io
+
 import torch
+from PIL import Image
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from pixelbert_dist.config import DataConfig
@@ -31,12 +33,13 @@ def resized_size(height: int, width: int, short: int, long: int) -> tuple[int, i
 def decode_resize(jpeg: bytes, short: int, long: int) -> Tensor:
     """(3, h, w) float image, normalized. Raises ValueError on an image that does not decode."""
     try:
-        image = decode_image(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as err:
+        image = Image.open(io.BytesIO(jpeg))
+        height, width = resized_size(image.height, image.width, short, long)
+        image.draft("RGB", (width, height))  # JPEG: decode at 1/2..1/8 scale when that is enough
+        image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    except Exception as err:  # PIL raises many types for a broken file
         raise ValueError(f"image does not decode: {err}") from None
-    size = resized_size(*image.shape[-2:], short, long)
-    image = TF.resize(image, list(size), antialias=True)
-    return TF.normalize(image.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+    return TF.normalize(TF.pil_to_tensor(image).float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
 
 
 class BatchBuilder:
