@@ -102,6 +102,10 @@ class DataConfig:
     """Fraction of caption tokens selected for masked language modelling."""
     itm_negative_fraction: float = 0.5
     """Fraction of pairs in a batch whose caption is swapped for another image's."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank (0: read in the training process)."""
+    open_shards: int = 4
+    """Shards each worker reads at once, interleaved at random (the shuffle)."""
 
     def __post_init__(self) -> None:
         _require(self.max_text_len >= 3, f"data.max_text_len must be >= 3, got {self.max_text_len}")
@@ -112,6 +116,8 @@ class DataConfig:
                  f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
         _require(0.0 <= self.itm_negative_fraction < 1.0,
                  f"data.itm_negative_fraction must be in [0, 1), got {self.itm_negative_fraction}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.open_shards >= 1, f"data.open_shards must be >= 1, got {self.open_shards}")
 
 
 @dataclass
@@ -163,6 +169,12 @@ class TrainConfig:
     """Recompute transformer layers in backward to save memory."""
     seed: int = 42
     """Seed for model init, masking, ITM negatives, sampling and shard order."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: train all epochs)."""
+    log_every: int = 10
+    """Optimizer steps between metric logs."""
+    log_pairs_to: str = ""
+    """Folder where each rank appends the (shard, pair) of every batch it trains on (audits, tests)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
@@ -170,6 +182,8 @@ class TrainConfig:
                  f"train.global_batch_size ({self.global_batch_size}) must be a positive multiple "
                  f"of train.micro_batch_size ({self.micro_batch_size})")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _require(self.log_every > 0, f"train.log_every must be positive, got {self.log_every}")
 
 
 @dataclass

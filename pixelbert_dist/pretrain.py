@@ -1,0 +1,59 @@
+"""Pre-train Pixel-BERT.
+
+    # one process
+    python -m pixelbert_dist.pretrain --config configs/pretrain/tiny-cpu.yaml --data.train_manifest=data/shards
+    # 2 processes on this machine
+    torchrun --nproc_per_node 2 -m pixelbert_dist.pretrain --config ... [--section.key=value ...]
+    deepspeed --hostfile cluster/hosts --no_ssh --master_addr 127.0.0.1 --module pixelbert_dist.pretrain --config ...
+    # resume from the newest complete checkpoint under checkpoint.dir (or start fresh)
+    ... --resume auto
+
+Recipe: parse config -> join the process group -> build the trainer (checks data and
+config before any step) -> train -> leave cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from data_pipeline.storage import StorageError
+from pixelbert_dist import distributed
+from pixelbert_dist.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m pixelbert_dist.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config (configs/pretrain/*.yaml)")
+    parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args, overrides = parser.parse_known_args(argv)
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    info = distributed.init()
+    from pixelbert_dist.train import Trainer  # after init: DeepSpeed reads DS_ACCELERATOR on import
+
+    try:
+        trainer = Trainer(cfg, info, resume=args.resume)
+    except (ConfigError, StorageError, FileNotFoundError, ValueError) as err:
+        logging.getLogger("pixelbert_dist.pretrain").error("%s", err)
+        return 2
+    metrics = trainer.train()
+    if info.is_main:
+        print(f"done at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    distributed.finish(main())

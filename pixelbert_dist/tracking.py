@@ -1,0 +1,85 @@
+"""MLflow tracking from rank 0; a tracking server that is down costs a warning, never the run.
+
+URI: tracking.uri, else MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working folder.
+A resumed job passes the run id it saved in its checkpoint and continues the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+
+from pixelbert_dist.config import TrackingConfig
+
+log = logging.getLogger("pixelbert_dist.tracking")
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+
+
+class Tracker:
+    """Rank 0 logs; other ranks hold a tracker that does nothing."""
+
+    def __init__(self, cfg: TrackingConfig, enabled: bool) -> None:
+        self.cfg, self.enabled, self.run_id = cfg, enabled, None
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if not self.enabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # tracking must never stop training
+            log.warning("MLflow %s failed (%s); training continues without tracking", what, err)
+            self.enabled = False
+            return None
+
+    def start(self, run_id: str | None, params: dict, tags: dict) -> str | None:
+        import mlflow
+
+        def begin():
+            mlflow.set_tracking_uri(tracking_uri(self.cfg))
+            if run_id:
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+            else:
+                mlflow.set_experiment(self.cfg.experiment)
+                run = mlflow.start_run(run_name=self.cfg.run_name or None, log_system_metrics=True)
+                mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.set_tags(tags)
+            return run.info.run_id
+
+        self.run_id = self._call("start", begin)
+        return self.run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        import mlflow
+        self._call("log_metrics", mlflow.log_metrics, values, step=step)
+
+    def tag(self, key: str, value: str) -> None:
+        import mlflow
+        self._call("set_tag", mlflow.set_tag, key, value)
+
+    def end(self) -> None:
+        import mlflow
+        self._call("end_run", mlflow.end_run)
+
+
+def run_tags(launcher: str, hosts: list[str]) -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"git_commit": commit, "launcher": launcher, "hosts": ",".join(sorted(set(hosts))),
+            "host": socket.gethostname()}
+
+
+def flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    return {prefix: value}

@@ -1,0 +1,201 @@
+"""The training loop: loader -> DeepSpeed engine -> metrics, checkpoints, MLflow.
+
+Setup, in order: seed, tokenizer and dataset checks (before any step), model, loader,
+optimizer and schedule, DeepSpeed engine, resume, tracking. Then epochs of batches until
+train.epochs or train.max_steps. Every rank runs the same number of steps: the loader plans
+equal shares, and each step all ranks agree that each has a batch before any trains on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from pixelbert_dist import checkpoint, distributed
+from pixelbert_dist.config import ConfigError, PretrainConfig
+from pixelbert_dist.data.loader import StreamingLoader, merge_states
+from pixelbert_dist.distributed import DistInfo
+from pixelbert_dist.engine import build_engine, deepspeed_config
+from pixelbert_dist.model import PixelBert, PretrainBatch
+from pixelbert_dist.optim import build_lr_schedule, build_optimizer
+from pixelbert_dist.tokenizer import load_tokenizer
+from pixelbert_dist.tracking import Tracker, flatten, run_tags
+
+log = logging.getLogger("pixelbert_dist.train")
+LOSS_KEYS = ("loss", "mlm_loss", "itm_loss", "mlm_accuracy", "itm_accuracy")
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, dist_info: DistInfo, resume: str | None = None) -> None:
+        self.cfg, self.dist = cfg, dist_info
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if len(tokenizer) != cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer "
+                              f"{cfg.data.tokenizer} has {len(tokenizer)} entries")
+        self.loader = StreamingLoader(cfg.data.train_manifest, cfg.data, cfg.train.micro_batch_size,
+                                      dist_info.rank, dist_info.world_size, cfg.train.seed,
+                                      cfg.data.num_workers, cfg.data.open_shards)
+        self.loader.manifest.check_shards_present()
+
+        ds_config = deepspeed_config(cfg, dist_info.world_size)
+        self.accumulation = ds_config["gradient_accumulation_steps"]
+        steps_per_epoch = self.loader.steps_per_epoch() // self.accumulation
+        if steps_per_epoch == 0:
+            raise ConfigError(f"{cfg.data.train_manifest} holds too few pairs for one optimizer step of "
+                              f"{cfg.train.global_batch_size} pairs")
+        model = PixelBert(cfg.model)
+        if cfg.train.activation_checkpointing:
+            model.bert.gradient_checkpointing_enable()
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_lr_schedule(optimizer, cfg.optim, steps_per_epoch)
+        self.engine = build_engine(model, optimizer, scheduler, ds_config)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+
+        self.step = 0
+        run_id = None
+        found = checkpoint.resolve(resume, cfg.checkpoint.dir)
+        if found is not None:
+            run_id = self._restore(*found)
+        self.tracker = Tracker(cfg.tracking, enabled=dist_info.is_main)
+        hosts = distributed.gather_objects(socket.gethostname())
+        params = {**cfg.flat_dict(), "world_size": dist_info.world_size,
+                  **flatten("deepspeed_json", ds_config)}
+        self.run_id = self.tracker.start(run_id, params, run_tags(dist_info.launcher, hosts))
+        self._pairs_log = None
+        if cfg.train.log_pairs_to:
+            Path(cfg.train.log_pairs_to).mkdir(parents=True, exist_ok=True)
+            self._pairs_log = open(Path(cfg.train.log_pairs_to) / f"rank{dist_info.rank}.jsonl", "a")
+
+    # ------------------------------------------------------------------ resume
+
+    def _restore(self, root: Path, tag: str) -> str | None:
+        state = checkpoint.load(self.engine, root, tag)
+        self.step = state["step"]
+        self.loader.load_state_dict(state["loader"])
+        rng = state.get("rng")
+        if rng and len(rng) == self.dist.world_size:  # same layout: each rank continues its own stream
+            torch.set_rng_state(torch.tensor(rng[self.dist.rank]["torch"], dtype=torch.uint8))
+            random.setstate(_tuple_state(rng[self.dist.rank]["python"]))
+        else:
+            torch.manual_seed(self.cfg.train.seed + 1000 * self.step + self.dist.rank)
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", root / tag, self.step, self.loader.epoch)
+        return state.get("mlflow_run_id")
+
+    def _client_state(self) -> dict:
+        rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate()}
+        return {"step": self.step, "epoch": self.loader.epoch,
+                "loader": merge_states(distributed.gather_objects(self.loader.state_dict())),
+                "rng": distributed.gather_objects(rng), "mlflow_run_id": self.run_id,
+                "config": self.cfg.to_dict()}
+
+    def save(self) -> Path:
+        path = checkpoint.save(self.engine, self.cfg.checkpoint.dir, self.step, self._client_state(),
+                               self.cfg.checkpoint.keep_last, self.dist.is_main)
+        self.tracker.tag(f"checkpoint.{checkpoint.tag_for(self.step)}", str(path.resolve()))
+        return path
+
+    # ------------------------------------------------------------------ loop
+
+    def _to_device(self, batch: PretrainBatch) -> PretrainBatch:
+        batch = batch.to(self.dist.device)
+        batch.images = batch.images.to(self.dtype)
+        return batch
+
+    def train(self) -> dict[str, float]:
+        """Train to train.epochs (or train.max_steps); returns the last logged metrics."""
+        self._reset_window()
+        self.last_metrics: dict[str, float] = {}
+        while self.loader.epoch < self.cfg.train.epochs and not self._done():
+            if self._run_epoch():
+                self.loader.next_epoch()
+        if self.step % self.cfg.checkpoint.every_steps != 0:
+            self.save()
+        if self._pairs_log is not None:
+            self._pairs_log.close()
+        self.tracker.end()
+        return self.last_metrics
+
+    def _run_epoch(self) -> bool:
+        """Steps until the epoch's batches run out on any rank (True) or max_steps (False)."""
+        batches = self.loader.epoch_batches()
+        while not self._done():
+            wait_start = time.perf_counter()
+            item = next(batches, None)
+            self.waited += time.perf_counter() - wait_start
+            if not distributed.all_agree(item is not None):
+                return True
+            batch, info = item
+            out = self.engine(self._to_device(batch))
+            self.engine.backward(out.loss)
+            self.engine.step()
+            self.micro_steps += 1
+            self.pairs += len(info.pairs)
+            for key in LOSS_KEYS:
+                self.window[key] += getattr(out, key).detach().item()
+            if self._pairs_log is not None:
+                self._pairs_log.write(json.dumps({"step": self.step, "pairs": info.pairs,
+                                                  "loss": out.loss.detach().item()}) + "\n")
+                self._pairs_log.flush()
+            if self.micro_steps % self.accumulation == 0:
+                self._after_optimizer_step()
+        return False
+
+    def _after_optimizer_step(self) -> None:
+        self.step += 1
+        if self.step % self.cfg.train.log_every == 0 or self._done():
+            self.last_metrics = self._log(time.perf_counter() - self.window_start)
+            self._reset_window()
+        if self.step % self.cfg.checkpoint.every_steps == 0:
+            self.save()
+
+    def _reset_window(self) -> None:
+        self.window = {k: 0.0 for k in LOSS_KEYS}
+        self.micro_steps, self.pairs, self.waited = 0, 0, 0.0
+        self.window_start = time.perf_counter()
+
+    def _done(self) -> bool:
+        max_steps = self.cfg.train.max_steps
+        return bool(max_steps) and self.step >= max_steps
+
+    def _log(self, elapsed: float) -> dict:
+        # Mean over the window and over ranks; pairs, skips and waiting summed over ranks.
+        local = [self.window[k] / max(self.micro_steps, 1) for k in LOSS_KEYS] + \
+                [self.pairs, self.loader.skipped, self.waited / max(elapsed, 1e-9)]
+        values = torch.tensor(local, dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        world = self.dist.world_size
+        metrics = {k: values[i].item() / world for i, k in enumerate(LOSS_KEYS)}
+        metrics["samples_per_s"] = values[len(LOSS_KEYS)].item() / max(elapsed, 1e-9)
+        metrics["skipped_samples"] = values[len(LOSS_KEYS) + 1].item()
+        metrics["data_wait_fraction"] = values[len(LOSS_KEYS) + 2].item() / world
+        metrics["epoch"] = self.loader.epoch
+        for group in self.engine.optimizer.param_groups:
+            if "name" in group:
+                metrics[f"lr.{group['name']}"] = group["lr"]
+        metrics["memory_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                                else _rss_gb())
+        self.tracker.metrics(metrics, self.step)
+        if self.dist.is_main:
+            log.info("step %d epoch %d loss %.4f itm_acc %.3f mlm_acc %.3f %.1f pairs/s wait %.1f%%",
+                     self.step, self.loader.epoch, metrics["loss"], metrics["itm_accuracy"],
+                     metrics["mlm_accuracy"], metrics["samples_per_s"], 100 * metrics["data_wait_fraction"])
+        return metrics
+
+
+def _rss_gb() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _tuple_state(state):
+    return tuple(_tuple_state(s) if isinstance(s, list) else s for s in state)
