@@ -302,7 +302,9 @@ class PixelBert(nn.Module):
                 mlm_loss = F.cross_entropy(logits, targets)
                 mlm_accuracy = (logits.argmax(-1) == targets).float().mean()
             else:
-                mlm_loss = hidden.sum() * 0.0  # keeps every parameter in the graph
+                # No masked token on this rank: still touch the head so every parameter gets a
+                # (zero) gradient, or data-parallel gradient reduction would differ across ranks.
+                mlm_loss = self.cls.predictions(text[:1, 0]).sum() * 0.0
         if batch.itm_labels is not None:
             itm_loss = F.cross_entropy(itm_logits.float(), batch.itm_labels)
             itm_accuracy = (itm_logits.argmax(-1) == batch.itm_labels).float().mean()

@@ -1,0 +1,151 @@
+"""Pre-training for real: DeepSpeed on gloo, 2 CPU processes, checkpoints, resume, MLflow."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import shard
+from data_pipeline.synthetic import generate
+from pixelbert_dist.config import ConfigError, load_config
+from pixelbert_dist.engine import deepspeed_config
+from pixelbert_dist.tokenizer import train_wordpiece
+from tests.conftest import REPO, TINY
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("pretrain-data")
+    captions = generate(root / "syn", 48, seed=11)
+    assert shard.main(["--source", f"coco:captions={captions},images={root / 'syn' / 'images'}",
+                       "--out", str(root / "shards"), "--shard-size", "8", "--no-progress"]) == 0
+    vocab = train_wordpiece([a["caption"] for a in json.loads(captions.read_text())["annotations"]], 150,
+                            root / "vocab")
+    return root / "shards", vocab
+
+
+def _argv(data, workdir: Path, **overrides) -> list[str]:
+    shards, vocab = data
+    settings = {
+        "data.train_manifest": shards, "data.tokenizer": vocab, "model.vocab_size": len(vocab.read_text().split()),
+        "data.image_short_side": 128, "data.image_long_side": 192, "data.num_workers": 1,
+        "model.pixel_sample_count": 4, "train.global_batch_size": 8, "train.micro_batch_size": 4,
+        "train.epochs": 1, "train.log_every": 1, "checkpoint.every_steps": 4, "checkpoint.dir": workdir / "ckpt",
+        "tracking.uri": f"sqlite:///{workdir / 'mlruns.db'}", "train.log_pairs_to": workdir / "pairs",
+        "deepspeed.config": REPO / "configs/deepspeed/zero2.json",
+    }
+    settings.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return ["--config", str(TINY)] + [f"--{k}={v}" for k, v in settings.items()]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+
+
+def _torchrun(nproc: int, argv: list[str], workdir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={_port()}", "-m", "pixelbert_dist.pretrain", *argv, *extra]
+    return subprocess.run(command, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _port() -> int:
+    from tests.conftest import _free_port
+    return _free_port()
+
+
+def _pairs_log(workdir: Path) -> list[dict]:
+    rows = []
+    for path in sorted((workdir / "pairs").glob("rank*.jsonl")):
+        rank = int(path.stem[4:])
+        rows += [{**json.loads(line), "rank": rank} for line in path.read_text().splitlines()]
+    return rows
+
+
+def _metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select key, step, value from metrics order by step").fetchall()
+    out: dict[str, list[tuple[int, float]]] = {}
+    for key, step, value in rows:
+        out.setdefault(key, []).append((step, value))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage):
+    done = _torchrun(2, _argv(data, tmp_path, deepspeed__zero_stage=stage, train__max_steps=8), tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = _metrics(tmp_path / "mlruns.db")
+    for key in ("loss", "mlm_loss", "itm_loss", "mlm_accuracy", "itm_accuracy", "lr.cnn", "lr.transformer",
+                "samples_per_s", "data_wait_fraction", "skipped_samples", "memory_gb"):
+        assert [s for s, _ in metrics[key]] == list(range(1, 9)), key
+    losses = [v for _, v in metrics["loss"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns (MLM on a tiny vocab drops fast)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
+    pairs = [tuple(p) for row in _pairs_log(tmp_path) for p in row["pairs"]]
+    assert len(pairs) == len(set(pairs)) == 8 * 8  # 8 steps x 2 ranks x 4 pairs, none twice
+    with sqlite3.connect(tmp_path / "mlruns.db") as con:
+        params = dict(con.execute("select key, value from params").fetchall())
+        tags = dict(con.execute("select key, value from tags").fetchall())
+    assert params["world_size"] == "2" and params["deepspeed.zero_stage"] == str(stage)
+    assert tags["launcher"] == "torchrun" and "checkpoint.step00000008" in tags
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run_and_2_ranks_resume_as_1(data, tmp_path):
+    full = tmp_path / "full"
+    done = _torchrun(2, _argv(data, full, train__max_steps=8), full)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    part = tmp_path / "part"
+    done = _torchrun(2, _argv(data, part, train__max_steps=4), part)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _torchrun(2, _argv(data, part, train__max_steps=8), part, ["--resume", "auto"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = {(r["rank"], r["step"], tuple(map(tuple, r["pairs"]))): r["loss"] for r in _pairs_log(full)}
+    resumed = {(r["rank"], r["step"], tuple(map(tuple, r["pairs"]))): r["loss"] for r in _pairs_log(part)}
+    assert resumed.keys() == expected.keys()  # same pairs at the same steps on the same ranks
+    for key, loss in expected.items():
+        assert resumed[key] == pytest.approx(loss, rel=1e-4, abs=1e-5), key
+    runs = {r for r, in sqlite3.connect(part / "mlruns.db").execute("select distinct run_uuid from metrics")}
+    assert len(runs) == 1  # the resumed job continued the same MLflow run
+
+    # the same checkpoint at step 4, resumed on one rank, finishes the epoch: every pair once
+    single = tmp_path / "single"
+    (single / "ckpt").mkdir(parents=True)
+    os.symlink(part / "ckpt" / "step00000004", single / "ckpt" / "step00000004")
+    (single / "pairs").mkdir()
+    for path in (part / "pairs").glob("*.jsonl"):  # the 2-rank run's first four steps
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < 4]
+        (single / "pairs" / f"before-{path.name}").write_text("\n".join(rows) + "\n")
+    done = _torchrun(1, _argv(data, single), single, ["--resume", "auto"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [tuple(p) for path in (single / "pairs").glob("*.jsonl")
+            for line in path.read_text().splitlines() for p in json.loads(line)["pairs"]]
+    assert len(seen) == len(set(seen))
+    from pixelbert_dist.data.plan import Manifest
+    assert Manifest(str(data[0])).total_pairs - len(seen) < 8
+
+
+def test_deepspeed_json_conflicts_and_shapes_are_named_before_training(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 1}}))
+    cfg = load_config(TINY, [f"--deepspeed.config={ds}"])
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=32 conflicts with the run config \(16\)"):
+        deepspeed_config(cfg, world_size=2)
+    ds.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="bf16"):
+        deepspeed_config(cfg, world_size=2)
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True}}))
+    merged = deepspeed_config(cfg, world_size=2)
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert merged["gradient_accumulation_steps"] == 1 and merged["train_batch_size"] == 32
+    with pytest.raises(ConfigError, match=r"multiple of train.micro_batch_size x world size \(16 x 3\)"):
+        deepspeed_config(cfg, world_size=3)
