@@ -1,10 +1,17 @@
 """Checkpoints: DeepSpeed's own save/load plus our client state, a completion marker, keep-last-K.
 
-    checkpoints/step00000100/...            DeepSpeed files (model, ZeRO optimizer partitions)
-    checkpoints/step00000100/complete.json  written by rank 0 after every rank has saved
+    checkpoints/step00000100/...                DeepSpeed files (model, ZeRO optimizer partitions)
+    checkpoints/step00000100/client_state.json  step, loader position, RNG, MLflow run, config
+    checkpoints/step00000100/complete.json      written by rank 0 after every rank has saved
 
 `--resume auto` takes the newest folder with complete.json, so a checkpoint cut off
-mid-write is never taken.
+mid-write is never taken. Our state is JSON: readable, and loaded without unpickling.
+
+A job resumed on another number of ranks cannot load ZeRO's optimizer partitions (DeepSpeed
+refuses a new data-parallel size, and its universal-checkpoint converter only knows Adam
+state, not our SGD momentum). It then takes the consolidated fp32 weights (DeepSpeed's
+zero-to-fp32), the schedule position and the exact data position, and restarts the
+optimizer moments, with a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 COMPLETE = "complete.json"
+CLIENT_STATE = "client_state.json"
 
 
 def tag_for(step: int) -> str:
@@ -33,10 +41,12 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep_last: int
     """Every rank calls this; returns the checkpoint folder."""
     root = Path(root)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     dist.barrier()  # every rank's files are on disk before the marker
     if is_main:
-        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "epoch": client_state.get("epoch")}))
+        (root / tag / CLIENT_STATE).write_text(json.dumps(client_state))
+        (root / tag / COMPLETE).write_text(json.dumps({"step": step, "epoch": client_state.get("epoch"),
+                                                       "world_size": dist.get_world_size()}))
         for old in complete_tags(root)[:-keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
@@ -56,12 +66,29 @@ def resolve(resume: str | None, root: str | Path) -> tuple[Path, str] | None:
     return path.parent, path.name
 
 
-def load(engine, root: Path, tag: str) -> dict:
-    """Model, optimizer and scheduler into the engine; returns the client state."""
+def read_client_state(root: Path, tag: str) -> dict:
+    state = json.loads((root / tag / CLIENT_STATE).read_text())
+    state["world_size"] = json.loads((root / tag / COMPLETE).read_text())["world_size"]
+    return state
+
+
+def load(engine, root: Path, tag: str) -> None:
+    """Model, optimizer and scheduler into the engine (same data-parallel size)."""
     try:
-        path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+        path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
     except RuntimeError as err:  # state-dict shape mismatches
         raise ValueError(f"checkpoint {root / tag} does not fit this model: {str(err)[:500]}") from None
     if path is None:
         raise FileNotFoundError(f"checkpoint {root / tag} could not be loaded")
-    return client_state
+
+
+def load_weights_only(model, root: Path, tag: str) -> None:
+    """Consolidated fp32 weights of a ZeRO checkpoint (any stage) into a plain model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"cls.predictions.decoder.weight"}  # the same tensor as the word embeddings
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"checkpoint {root / tag} does not fit this model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")

@@ -52,19 +52,32 @@ class Trainer:
         if steps_per_epoch == 0:
             raise ConfigError(f"{cfg.data.train_manifest} holds too few pairs for one optimizer step of "
                               f"{cfg.train.global_batch_size} pairs")
+        found = checkpoint.resolve(resume, cfg.checkpoint.dir)
+        client = checkpoint.read_client_state(*found) if found else None
+        elastic = client is not None and client["world_size"] != dist_info.world_size
+
         model = PixelBert(cfg.model)
+        if elastic:
+            checkpoint.load_weights_only(model, *found)
         if cfg.train.activation_checkpointing:
             model.bert.gradient_checkpointing_enable()
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_lr_schedule(optimizer, cfg.optim, steps_per_epoch)
+        if elastic:
+            for _ in range(client["step"]):
+                scheduler.step()
+            if dist_info.is_main:
+                log.warning("resuming %d ranks' checkpoint on %d: weights, schedule and data position are "
+                            "restored; optimizer moments restart", client["world_size"], dist_info.world_size)
         self.engine = build_engine(model, optimizer, scheduler, ds_config)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
         self.step = 0
         run_id = None
-        found = checkpoint.resolve(resume, cfg.checkpoint.dir)
         if found is not None:
-            run_id = self._restore(*found)
+            if not elastic:
+                checkpoint.load(self.engine, *found)
+            run_id = self._restore(client, found)
         self.tracker = Tracker(cfg.tracking, enabled=dist_info.is_main)
         hosts = distributed.gather_objects(socket.gethostname())
         params = {**cfg.flat_dict(), "world_size": dist_info.world_size,
@@ -77,8 +90,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
 
-    def _restore(self, root: Path, tag: str) -> str | None:
-        state = checkpoint.load(self.engine, root, tag)
+    def _restore(self, state: dict, found: tuple[Path, str]) -> str | None:
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         rng = state.get("rng")
@@ -88,7 +100,7 @@ class Trainer:
         else:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.step + self.dist.rank)
         if self.dist.is_main:
-            log.info("resumed from %s at step %d (epoch %d)", root / tag, self.step, self.loader.epoch)
+            log.info("resumed from %s at step %d (epoch %d)", found[0] / found[1], self.step, self.loader.epoch)
         return state.get("mlflow_run_id")
 
     def _client_state(self) -> dict:
