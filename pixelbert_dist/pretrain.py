@@ -4,7 +4,7 @@
     python -m pixelbert_dist.pretrain --config configs/pretrain/tiny-cpu.yaml --data.train_manifest=data/shards
     # 2 processes on this machine
     torchrun --nproc_per_node 2 -m pixelbert_dist.pretrain --config ... [--section.key=value ...]
-    deepspeed --hostfile cluster/hosts --no_ssh --master_addr 127.0.0.1 --module pixelbert_dist.pretrain --config ...
+    deepspeed --hostfile cluster/hosts --no_ssh --node_rank 0 --master_addr 127.0.0.1 --module pixelbert_dist.pretrain --config ...
     # resume from the newest complete checkpoint under checkpoint.dir (or start fresh)
     ... --resume auto
 

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import subprocess
+import urllib.request
 
 from pixelbert_dist.config import TrackingConfig
 
@@ -37,10 +38,20 @@ class Tracker:
             return None
 
     def start(self, run_id: str | None, params: dict, tags: dict) -> str | None:
+        if not self.enabled:
+            return None
+        # MLflow's HTTP client retries for minutes by default; a tracking outage must cost
+        # seconds of training, not minutes per logged step.
+        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+                            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+            os.environ.setdefault(name, value)
         import mlflow
 
         def begin():
-            mlflow.set_tracking_uri(tracking_uri(self.cfg))
+            uri = tracking_uri(self.cfg)
+            if uri.startswith(("http://", "https://")):
+                urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
+            mlflow.set_tracking_uri(uri)
             if run_id:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
             else:

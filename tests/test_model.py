@@ -243,3 +243,13 @@ def test_backbone_weights_file_loads_strictly(tiny_cfg, tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match=r"backbone_weights=.*wrong.pt does not fit model.backbone"):
         PixelBert(dataclasses.replace(tiny_cfg.model, backbone_weights=str(tmp_path / "wrong.pt")))
+
+
+def test_every_trainable_parameter_gets_a_gradient_even_without_masked_tokens(tiny_cfg):
+    # Data-parallel gradient reduction needs the same parameters on every rank at every step.
+    model = PixelBert(tiny_cfg.model).train()
+    batch = _batch(tiny_cfg.model.vocab_size, [(128, 128), (128, 192)])
+    batch.mlm_labels.fill_(-100)
+    model(batch).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing

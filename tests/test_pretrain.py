@@ -149,3 +149,27 @@ def test_deepspeed_json_conflicts_and_shapes_are_named_before_training(tmp_path)
     assert merged["gradient_accumulation_steps"] == 1 and merged["train_batch_size"] == 32
     with pytest.raises(ConfigError, match=r"multiple of train.micro_batch_size x world size \(16 x 3\)"):
         deepspeed_config(cfg, world_size=3)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_with_the_shipped_hostfile(data, tmp_path):
+    command = [str(BIN / "deepspeed"), "--hostfile", str(REPO / "cluster/hosts"), "--no_ssh", "--node_rank=0",
+               "--master_addr", "127.0.0.1", f"--master_port={_port()}", "--module", "pixelbert_dist.pretrain",
+               *_argv(data, tmp_path, train__max_steps=3)]
+    env = {**_env(), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "mlruns.db") as con:
+        tags = dict(con.execute("select key, value from tags").fetchall())
+        params = dict(con.execute("select key, value from params").fetchall())
+    assert tags["launcher"] == "deepspeed" and params["world_size"] == "2"
+    assert len({r["rank"] for r in _pairs_log(tmp_path)}) == 2
+
+
+def test_a_tracking_server_that_is_down_costs_a_warning_not_the_run(data, tmp_path):
+    port = _port()  # nothing listens here
+    done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, tracking__uri=f"http://127.0.0.1:{port}"),
+                     tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MLflow start failed" in done.stderr and "training continues without tracking" in done.stderr
+    assert (tmp_path / "ckpt" / "step00000002" / "complete.json").exists()
