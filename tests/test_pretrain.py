@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_pipeline import shard
 from data_pipeline.synthetic import generate
@@ -96,6 +97,22 @@ def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage):
         tags = dict(con.execute("select key, value from tags").fetchall())
     assert params["world_size"] == "2" and params["deepspeed.zero_stage"] == str(stage)
     assert tags["launcher"] == "torchrun" and "checkpoint.step00000008" in tags
+
+    # export the ZeRO checkpoint to safetensors and load it back
+    from pixelbert_dist import checkpoint, export
+    from pixelbert_dist.flops import synthetic_batch
+    from pixelbert_dist.model import PixelBert
+    assert export.main([str(tmp_path / "ckpt" / "step00000008"), str(tmp_path / "exported")]) == 0
+    exported = export.load_exported(tmp_path / "exported").eval()
+    reference = PixelBert(exported.cfg)
+    fresh_weight = reference.visual.proj.weight.detach().clone()
+    checkpoint.load_weights_only(reference, tmp_path / "ckpt", "step00000008")
+    reference.eval()
+    assert not torch.equal(fresh_weight, exported.visual.proj.weight)  # trained weights, not init
+    batch = synthetic_batch(exported.cfg.vocab_size, 2, (128, 192), 10)
+    with torch.no_grad():
+        assert torch.equal(exported(batch).itm_logits, reference(batch).itm_logits)
+    assert exported.cls.predictions.decoder.weight is exported.bert.embeddings.word_embeddings.weight
 
 
 @pytest.mark.slow
