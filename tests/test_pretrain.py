@@ -190,3 +190,32 @@ def test_a_tracking_server_that_is_down_costs_a_warning_not_the_run(data, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MLflow start failed" in done.stderr and "training continues without tracking" in done.stderr
     assert (tmp_path / "ckpt" / "step00000002" / "complete.json").exists()
+
+
+@pytest.mark.slow
+def test_kill_minus_9_of_one_rank_fails_the_job_quickly_and_resume_auto_finishes_it(data, tmp_path):
+    import signal
+    import time
+
+    import psutil
+    argv = _argv(data, tmp_path, train__max_steps=10, checkpoint__every_steps=2)
+    command = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_port()}",
+               "-m", "pixelbert_dist.pretrain", *argv]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 180
+    while not (tmp_path / "ckpt" / "step00000002" / "complete.json").exists():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.1)
+    victim = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if p.environ().get("RANK") == "1" and "pixelbert_dist.pretrain" in " ".join(p.cmdline()))
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 90  # the surviving rank did not hang
+
+    done = _torchrun(2, argv, tmp_path, ["--resume", "auto"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    assert (tmp_path / "ckpt" / "step00000010" / "complete.json").exists()
