@@ -52,8 +52,7 @@ def init() -> DistInfo:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
                           WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend)  # wraps a group Ray Train already made
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

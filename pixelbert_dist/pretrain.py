@@ -28,14 +28,30 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (configs/pretrain/*.yaml)")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
+    parser.add_argument("--launcher", choices=["env", "ray"], default="env",
+                        help="env: torchrun/deepspeed/single process; ray: Ray Train workers")
+    parser.add_argument("--num-workers", type=int, default=1, help="with --launcher ray: training processes")
+    parser.add_argument("--max-failures", type=int, default=3, help="with --launcher ray: restarts from the last checkpoint")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args, overrides = parser.parse_known_args(argv)
     return args, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, _ = parse_args(argv)
+    if args.launcher == "ray":
+        from pixelbert_dist import ray_launcher
+        passthrough = _without(argv, ("--launcher", "--num-workers", "--max-failures", "--resume"))
+        # under Ray every (re)start resumes: a restarted group continues from the last checkpoint
+        return ray_launcher.launch(passthrough, args.num_workers, args.max_failures, args.resume or "auto")
+    return run(argv, resume=args.resume)
+
+
+def run(argv: list[str], resume: str | None) -> int:
+    """Configure, join the group (or wrap the launcher's), train; the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
@@ -45,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from pixelbert_dist.train import Trainer  # after init: DeepSpeed reads DS_ACCELERATOR on import
 
     try:
-        trainer = Trainer(cfg, info, resume=args.resume)
+        trainer = Trainer(cfg, info, resume=resume)
     except (ConfigError, StorageError, FileNotFoundError, ValueError) as err:
         logging.getLogger("pixelbert_dist.pretrain").error("%s", err)
         return 2
@@ -55,5 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
 if __name__ == "__main__":
-    distributed.finish(main())
+    code = main()
+    if parse_args(sys.argv[1:])[0].launcher == "ray":
+        sys.exit(code)
+    distributed.finish(code)

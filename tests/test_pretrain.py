@@ -219,3 +219,20 @@ def test_kill_minus_9_of_one_rank_fails_the_job_quickly_and_resume_auto_finishes
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr
     assert (tmp_path / "ckpt" / "step00000010" / "complete.json").exists()
+
+
+@pytest.mark.slow
+def test_ray_launcher_under_ray_job_submit_on_a_ray_start_cluster(data, tmp_path, ray_head):
+    argv = _argv(data, tmp_path, train__max_steps=3)
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head["jobs"], "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+                                                        "PIXELBERT_RAY_STORAGE": str(tmp_path / "ray")}}),
+         "--", "python", "-m", "pixelbert_dist.pretrain", "--launcher", "ray", "--num-workers", "2", *argv],
+        env=ray_head["env"], capture_output=True, text=True, timeout=600)
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    with sqlite3.connect(tmp_path / "mlruns.db") as con:
+        tags = dict(con.execute("select key, value from tags").fetchall())
+        params = dict(con.execute("select key, value from params").fetchall())
+    assert tags["launcher"] == "ray" and params["world_size"] == "2"
+    assert (tmp_path / "ckpt" / "step00000003" / "complete.json").exists()
