@@ -56,7 +56,7 @@ class ModelConfig:
     intermediate_size: int = 3072
     """Feed-forward width inside each transformer layer."""
     vocab_size: int = 30522
-    """WordPiece vocabulary size; must match the tokenizer."""
+    """WordPiece vocabulary size; must match the tokenizer (0: take the tokenizer's size)."""
     max_position_embeddings: int = 512
     """Longest text sequence the position table covers."""
     dropout: float = 0.1

@@ -237,6 +237,8 @@ def sample_visual_tokens(tokens: Tensor, token_mask: Tensor, count: int) -> tupl
 # ---------------------------------------------------------------------------- Pixel-BERT
 
 def bert_config(cfg: ModelConfig) -> BertConfig:
+    if cfg.vocab_size <= 0:
+        raise ValueError("model.vocab_size is 0: set it, or let the trainer take the tokenizer's size")
     return BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,

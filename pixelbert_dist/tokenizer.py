@@ -79,3 +79,24 @@ def encode_captions(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str],
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
     return EncodedCaptions(input_ids, attention_mask, num_truncated)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pixelbert_dist.tokenizer --captions COCO.json --out DIR [--vocab-size N]`."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m pixelbert_dist.tokenizer",
+                                     description="Train a WordPiece vocab on the captions of a COCO captions file.")
+    parser.add_argument("--captions", required=True, help="COCO-format captions JSON")
+    parser.add_argument("--out", required=True, help="folder for vocab.txt")
+    parser.add_argument("--vocab-size", type=int, default=1000)
+    args = parser.parse_args(argv)
+    captions = [a["caption"] for a in json.loads(Path(args.captions).read_text())["annotations"]]
+    path = train_wordpiece(captions, args.vocab_size, args.out)
+    print(f"{path}: {len(path.read_text().split())} entries")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -38,6 +38,8 @@ class Trainer:
         random.seed(cfg.train.seed)
 
         tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = len(tokenizer)
         if len(tokenizer) != cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer "
                               f"{cfg.data.tokenizer} has {len(tokenizer)} entries")

@@ -15,9 +15,9 @@ TINY = REPO / "configs" / "pretrain" / "tiny-cpu.yaml"
 
 @pytest.fixture
 def tiny_cfg():
-    """The shipped tiny config, so tests exercise what users run."""
+    """The shipped tiny config, so tests exercise what users run (with a fixed vocab size)."""
     torch.manual_seed(0)
-    return load_config(TINY)
+    return load_config(TINY, ["--model.vocab_size=1000"])
 
 
 def _free_port() -> int:
