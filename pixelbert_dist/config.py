@@ -122,12 +122,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    cnn_optimizer: Literal["sgd", "adamw"] = "sgd"
+    """CNN algorithm: SGD as the paper (an ImageNet-initialised CNN); AdamW for a CNN from scratch."""
     cnn_lr: float = 1e-2
-    """SGD learning rate of the CNN backbone and its 1x1 projection."""
+    """Learning rate of the CNN backbone and its 1x1 projection."""
     cnn_momentum: float = 0.9
-    """SGD momentum of the CNN."""
+    """SGD momentum of the CNN (with cnn_optimizer=adamw the transformer's betas apply)."""
     cnn_weight_decay: float = 5e-4
-    """SGD weight decay of the CNN (never on biases or norms)."""
+    """Weight decay of the CNN (never on biases or norms)."""
     transformer_lr: float = 1e-4
     """AdamW learning rate of the transformer, embeddings and heads."""
     transformer_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

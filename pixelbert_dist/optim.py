@@ -22,11 +22,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     The CNN side is everything under `visual.cnn` and `visual.proj` (the paper's "CNN, conv");
     the rest (visual semantic/position embeddings, BERT, heads) is the transformer side.
     """
+    if cfg.cnn_optimizer == "sgd":
+        cnn = dict(algorithm="sgd", lr=cfg.cnn_lr, momentum=cfg.cnn_momentum)
+    else:  # a CNN trained from scratch: SGD's step follows its tiny gradients and barely moves it
+        cnn = dict(algorithm="adamw", lr=cfg.cnn_lr, betas=tuple(cfg.transformer_betas), eps=cfg.transformer_eps)
     groups = {
-        ("sgd", True): dict(name="cnn", algorithm="sgd", lr=cfg.cnn_lr, momentum=cfg.cnn_momentum,
-                            weight_decay=cfg.cnn_weight_decay),
-        ("sgd", False): dict(name="cnn_no_decay", algorithm="sgd", lr=cfg.cnn_lr,
-                             momentum=cfg.cnn_momentum, weight_decay=0.0),
+        ("sgd", True): dict(name="cnn", **cnn, weight_decay=cfg.cnn_weight_decay),
+        ("sgd", False): dict(name="cnn_no_decay", **cnn, weight_decay=0.0),
         ("adamw", True): dict(name="transformer", algorithm="adamw", lr=cfg.transformer_lr,
                               betas=tuple(cfg.transformer_betas), eps=cfg.transformer_eps,
                               weight_decay=cfg.transformer_weight_decay),

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,13 +10,21 @@ from pixelbert_dist.optim import (PixelBertOptimizer, build_lr_schedule, build_o
                                   param_groups)
 
 
+@pytest.fixture
+def paper_cfg(tiny_cfg):
+    """The paper's optimizer (SGD for the CNN), on the tiny model."""
+    tiny_cfg.optim = dataclasses.replace(tiny_cfg.optim, cnn_optimizer="sgd")
+    return tiny_cfg
+
+
 def _step_grads(model, seed=0):
     torch.manual_seed(seed)  # the same random pixel sampling for every copy
     batch = synthetic_batch(model.cfg.vocab_size, 2, (128, 192), 10, seed=seed)
     model(batch).loss.backward()
 
 
-def test_groups_split_cnn_from_transformer_and_skip_decay_on_biases_and_norms(tiny_cfg):
+def test_groups_split_cnn_from_transformer_and_skip_decay_on_biases_and_norms(paper_cfg):
+    tiny_cfg = paper_cfg
     model = PixelBert(tiny_cfg.model)
     groups = {g["name"]: g for g in param_groups(model, tiny_cfg.optim)}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -33,7 +42,8 @@ def test_groups_split_cnn_from_transformer_and_skip_decay_on_biases_and_norms(ti
     assert len(every) == len({id(p) for p in every}) == len(trainable)  # each once, tied weight too
 
 
-def test_one_step_equals_torch_sgd_and_adamw_on_copies(tiny_cfg):
+def test_one_step_equals_torch_sgd_and_adamw_on_copies(paper_cfg):
+    tiny_cfg = paper_cfg
     model = PixelBert(tiny_cfg.model)
     _step_grads(model)
     ours_model, sgd_model, adamw_model = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
@@ -67,7 +77,8 @@ def test_one_step_equals_torch_sgd_and_adamw_on_copies(tiny_cfg):
     assert moved_cnn > 5 and moved_transformer > 5
 
 
-def test_state_dict_round_trip_continues_exactly(tiny_cfg):
+def test_state_dict_round_trip_continues_exactly(paper_cfg):
+    tiny_cfg = paper_cfg
     model = PixelBert(tiny_cfg.model)
     other = copy.deepcopy(model)
     opt = build_optimizer(model, tiny_cfg.optim)
@@ -94,7 +105,8 @@ def test_unknown_algorithm_is_refused():
         PixelBertOptimizer([{"params": [torch.nn.Parameter(torch.zeros(2))], "algorithm": "lamb"}])
 
 
-def test_schedule_warms_up_then_decays_at_the_papers_epochs(tiny_cfg):
+def test_schedule_warms_up_then_decays_at_the_papers_epochs(paper_cfg):
+    tiny_cfg = paper_cfg
     cfg = tiny_cfg.optim
     cfg.warmup_steps, cfg.lr_decay_epochs = 10, [25, 35]
     steps_per_epoch = 100
@@ -112,3 +124,10 @@ def test_schedule_warms_up_then_decays_at_the_papers_epochs(tiny_cfg):
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["cnn"] == pytest.approx(cfg.cnn_lr * 0.1)
     assert lrs["transformer"] == pytest.approx(cfg.transformer_lr * 0.1)
+
+
+def test_cnn_from_scratch_option_puts_the_cnn_under_adamw(tiny_cfg):
+    assert tiny_cfg.optim.cnn_optimizer == "adamw"  # the shipped tiny config trains its CNN from scratch
+    groups = {g["name"]: g for g in param_groups(PixelBert(tiny_cfg.model), tiny_cfg.optim)}
+    assert groups["cnn"]["algorithm"] == "adamw" and groups["cnn"]["lr"] == tiny_cfg.optim.cnn_lr
+    assert groups["cnn_no_decay"]["weight_decay"] == 0.0
