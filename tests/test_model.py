@@ -44,7 +44,9 @@ def test_mlm_decoder_is_tied_to_word_embeddings(tiny_cfg):
 
 
 def test_backbone_norms_frozen_by_default_and_trainable_as_an_option(tiny_cfg):
-    frozen = PixelBert(tiny_cfg.model)
+    from pixelbert_dist.config import ModelConfig
+    assert ModelConfig().train_backbone_norm is False  # the default, as in the paper configs
+    frozen = PixelBert(dataclasses.replace(tiny_cfg.model, train_backbone_norm=False))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.visual.cnn.modules())
     trainable = PixelBert(dataclasses.replace(tiny_cfg.model, train_backbone_norm=True))
     norms = [m for m in trainable.visual.cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)]
