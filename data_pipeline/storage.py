@@ -197,7 +197,10 @@ class S3Storage:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(name), **kwargs)["Body"]
         except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            code = err.response.get("Error", {}).get("Code")
+            if code == "NoSuchBucket":
+                raise StorageError(f"bucket {self.bucket!r} does not exist ({self.url})") from None
+            if code in ("404", "NoSuchKey"):
                 raise StorageError(f"{self.url}/{name} does not exist") from None
             raise
 

@@ -182,3 +182,8 @@ def test_a_missing_or_truncated_shard_is_named_before_training(dataset, tmp_path
 def test_resize_rule():
     assert resized_size(480, 640, 800, 1333) == (800, 1067)
     assert resized_size(400, 2000, 800, 1333) == (267, 1333)
+
+
+def test_an_unreachable_bucket_is_named_before_training(s3_server):
+    with pytest.raises(StorageError, match="bucket 'no-such-dataset-bucket' does not exist"):
+        Manifest("s3://no-such-dataset-bucket/coco-vg")
