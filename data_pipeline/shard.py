@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from data_pipeline.shard_format import (FORMAT, JOB, MANIFEST, ShardResult, Shar
                                         index_name, is_job_file, shard_name, stats_name)
 from data_pipeline.sources import Record, SourceError, SourceSpec, read_records
 from data_pipeline.storage import Storage, StorageError, open_storage, read_uri, sha256_of, spool_dir
+from pixelbert_dist.version import code_version
 
 log = logging.getLogger("data_pipeline.shard")
 MAX_EXAMPLES = 20  # skipped samples named per shard, so a bad input can be found
@@ -185,8 +185,7 @@ def prepare_output(storage: Storage, plan: Plan, settings: JobSettings, overwrit
                                f"rerun with --overwrite to replace it")
         for name in ours:
             storage.delete(name)
-    if hasattr(storage, "remove_stale_temporaries"):
-        storage.remove_stale_temporaries()
+    storage.remove_stale_temporaries()
     storage.write_bytes(JOB, json.dumps(job, sort_keys=True, indent=1).encode())
 
 
@@ -264,21 +263,6 @@ def write_manifest(storage: Storage, plan: Plan, settings: JobSettings, results:
     }
     storage.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
-
-
-def code_version() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        package = version("pixelbert-dist")
-    except PackageNotFoundError:
-        package = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"package": package, "git_commit": commit}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -38,6 +38,7 @@ class Storage(Protocol):
     def upload_file(self, name: str, local_path: str) -> None: ...
     def delete(self, name: str) -> None: ...
     def list(self) -> list[str]: ...
+    def remove_stale_temporaries(self) -> int: ...
 
 
 def open_storage(url: str) -> Storage:
@@ -82,11 +83,7 @@ class LocalStorage:
 
     def read_bytes(self, name: str, byte_range: tuple[int, int] | None = None) -> bytes:
         try:
-            with open(self._path(name), "rb") as f:
-                if byte_range is None:
-                    return f.read()
-                f.seek(byte_range[0])
-                return f.read(byte_range[1])
+            return _read_file(self._path(name), byte_range)
         except FileNotFoundError:
             raise StorageError(f"{self._path(name)} does not exist") from None
 
@@ -226,6 +223,9 @@ class S3Storage:
     def delete(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
 
+    def remove_stale_temporaries(self) -> int:
+        return 0  # an S3 object appears only when its upload completes: nothing half-written to remove
+
     def list(self) -> list[str]:
         names = []
         start = f"{self.prefix}/" if self.prefix else ""
@@ -239,7 +239,10 @@ def read_uri(uri: str, byte_range: tuple[int, int] | None = None) -> bytes:
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         return S3Storage(f"s3://{parsed.netloc}").read_bytes(parsed.path.lstrip("/"), byte_range)
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return _read_file(uri[len("file://"):] if uri.startswith("file://") else uri, byte_range)
+
+
+def _read_file(path: str | Path, byte_range: tuple[int, int] | None) -> bytes:
     with open(path, "rb") as f:
         if byte_range is None:
             return f.read()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import urllib.request
 
 from pixelbert_dist.config import TrackingConfig
+from pixelbert_dist.version import code_version
 
 log = logging.getLogger("pixelbert_dist.tracking")
 
@@ -78,12 +78,8 @@ class Tracker:
 
 
 def run_tags(launcher: str, hosts: list[str]) -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"git_commit": commit, "launcher": launcher, "hosts": ",".join(sorted(set(hosts))),
+    return {"git_commit": code_version()["git_commit"], "launcher": launcher,
+            "hosts": ",".join(sorted(set(hosts))),
             "host": socket.gethostname()}
 
 

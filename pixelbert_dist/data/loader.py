@@ -56,10 +56,9 @@ class _PairBatches(IterableDataset):
         tag = f"{self.plan_tag}-{global_worker}"
         order = interleave_order(segments, loader.open_shards, random.Random(tag))
         skip = _consumed_prefix(segments, order, loader.consumed)
-        manifest = Manifest(loader.manifest_url)
         builder = BatchBuilder(load_tokenizer(loader.cfg.tokenizer), loader.cfg)
         pairs, images, consumed, skipped = [], [], [], 0
-        for pair in interleave(manifest, segments, order, skip):
+        for pair in interleave(loader.manifest, segments, order, skip):
             consumed.append((pair.shard, pair.index))
             try:
                 images.append(builder.image(pair))
@@ -126,20 +125,18 @@ class StreamingLoader:
 
     def steps_per_epoch(self) -> int:
         """Full batches every rank can make from this epoch's plan (all ranks agree)."""
-        parts, _ = self._parts()
+        return self._full_batches(self._parts()[0])
+
+    def _full_batches(self, parts: list[list[Segment]]) -> int:
         workers = self.num_workers_or_one
         per_rank = [sum(sum(len(s) for s in parts[r * workers + w]) // self.batch_size for w in range(workers))
                     for r in range(self.world_size)]
         return min(per_rank)
 
-    def steps_left(self) -> int:
-        """Batches still to come this epoch (after a resume: fewer than steps_per_epoch)."""
-        return self.steps_per_epoch() - self.plan_step
-
     def epoch_batches(self) -> Iterator[tuple[PretrainBatch, BatchInfo]]:
         """This epoch's remaining batches; the position advances as each one is handed out."""
-        steps = self.steps_left()
         parts, tag = self._parts()
+        steps = self._full_batches(parts) - self.plan_step  # after a resume: the rest of the epoch
         dataset = _PairBatches(self, parts, tag)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None)

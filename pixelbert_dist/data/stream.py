@@ -31,7 +31,6 @@ def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
     first_sample, position = manifest.locate(segment.shard, segment.start)
     offset = manifest.shards[segment.shard]["samples"][first_sample]["offset"]
     pair = segment.start
-    window: list[tuple[str, bytes, list[str]]] = []
     with manifest.storage.open_read(segment.shard, offset) as stream:
         samples = read_samples(stream)
         while pair < segment.end:
