@@ -36,6 +36,7 @@ class Storage(Protocol):
     def open_read(self, name: str, offset: int = 0) -> BinaryIO: ...
     def write_bytes(self, name: str, data: bytes) -> None: ...
     def upload_file(self, name: str, local_path: str) -> None: ...
+    def download_file(self, name: str, local_path: str) -> None: ...
     def delete(self, name: str) -> None: ...
     def list(self) -> list[str]: ...
     def remove_stale_temporaries(self) -> int: ...
@@ -112,6 +113,11 @@ class LocalStorage:
 
     def upload_file(self, name: str, local_path: str) -> None:
         self._atomic(name, lambda tmp: shutil.copyfile(local_path, tmp))
+
+    def download_file(self, name: str, local_path: str) -> None:
+        if not self.exists(name):
+            raise StorageError(f"{self._path(name)} does not exist")
+        LocalStorage(str(Path(local_path).parent)).upload_file(Path(local_path).name, str(self._path(name)))
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
@@ -219,6 +225,15 @@ class S3Storage:
 
         config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
         self.client.upload_file(local_path, self.bucket, self._key(name), Config=config)
+
+    def download_file(self, name: str, local_path: str) -> None:
+        from botocore.exceptions import ClientError
+
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        try:  # s3transfer writes a temporary file and renames it: never a half file under the name
+            self.client.download_file(self.bucket, self._key(name), local_path)
+        except ClientError as err:
+            raise StorageError(f"cannot download {self.url}/{name}: {err}") from None
 
     def delete(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(name))

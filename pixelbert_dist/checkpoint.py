@@ -7,6 +7,11 @@
 `--resume auto` takes the newest folder with complete.json, so a checkpoint cut off
 mid-write is never taken. Our state is JSON: readable, and loaded without unpickling.
 
+With `checkpoint.mirror` (an s3:// URL), each complete checkpoint is copied there: every
+rank sends the files it wrote (so node-local folders work), then rank 0 sends complete.json
+last. `--resume auto` takes the newer of the local and the mirrored checkpoint and fetches
+the mirrored one onto each node that lacks it.
+
 A job resumed on another number of ranks cannot load ZeRO's optimizer partitions (DeepSpeed
 refuses a new data-parallel size, and its universal-checkpoint converter only knows Adam
 state, not our SGD momentum). It then takes the consolidated fp32 weights (DeepSpeed's
@@ -17,10 +22,14 @@ optimizer moments, with a warning.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+
+from data_pipeline.storage import Storage, open_storage
+from pixelbert_dist import distributed
 
 COMPLETE = "complete.json"
 CLIENT_STATE = "client_state.json"
@@ -51,6 +60,56 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep_last: int
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return root / tag
+
+
+# ZeRO names each rank's partition files; the rest (model states, our JSON) are rank 0's
+_PARTITION = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def _writer_rank(file_name: str) -> int:
+    match = _PARTITION.search(file_name)
+    return int(match.group(1)) if match else 0
+
+
+def mirrored_tags(store: Storage) -> list[str]:
+    return sorted(name.split("/")[0] for name in store.list() if name.endswith(f"/{COMPLETE}"))
+
+
+def push(root: str | Path, tag: str, mirror: str, keep_last: int) -> None:
+    """Every rank calls this after `save`: copy the checkpoint to the mirror, prune old ones there."""
+    store, folder, rank = open_storage(mirror), Path(root) / tag, dist.get_rank()
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name != COMPLETE and _writer_rank(path.name) == rank:
+            store.upload_file(f"{tag}/{name}", str(path))
+    dist.barrier()
+    if rank == 0:
+        store.upload_file(f"{tag}/{COMPLETE}", str(folder / COMPLETE))  # last: the copy is whole
+        old = set(mirrored_tags(store)[:-keep_last])
+        names = [n for n in store.list() if n.split("/")[0] in old]
+        for name in sorted(names, key=lambda n: not n.endswith(COMPLETE)):  # marker first
+            store.delete(name)
+    dist.barrier()
+
+
+def pull_newest(root: str | Path, mirror: str, local_rank: int) -> None:
+    """Before `--resume auto`: fetch the mirror's newest checkpoint if it is newer than rank 0's.
+
+    Rank 0 decides, so every node resumes the same step; local rank 0 of each node that
+    lacks that checkpoint downloads it (complete.json last).
+    """
+    store = open_storage(mirror)
+    if dist.get_rank() == 0:
+        remote, local = mirrored_tags(store), complete_tags(root)
+        choice = remote[-1] if remote and (not local or remote[-1] > local[-1]) else None
+    else:
+        choice = None
+    tag = distributed.gather_objects(choice)[0]
+    if tag is not None and local_rank == 0 and tag not in complete_tags(root):
+        names = [n for n in store.list() if n.startswith(f"{tag}/")]
+        for name in sorted(names, key=lambda n: n.endswith(COMPLETE)):
+            store.download_file(name, str(Path(root) / name))
+    dist.barrier()
 
 
 def resolve(resume: str | None, root: str | Path) -> tuple[Path, str] | None:

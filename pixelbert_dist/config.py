@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import sys
 import types
 import typing
@@ -106,6 +107,10 @@ class DataConfig:
     """DataLoader worker processes per rank (0: read in the training process)."""
     open_shards: int = 4
     """Shards each worker reads at once, interleaved at random (the shuffle)."""
+    captions_per_image: int = 1
+    """G captions of one image kept together in a batch: the CNN runs once for all G (SOHO: 4)."""
+    decoder: Literal["cpu", "dali", "auto"] = "auto"
+    """Image decode and resize: PIL in the loader workers, NVIDIA DALI (GPU), or DALI when a GPU is there."""
 
     def __post_init__(self) -> None:
         _require(self.max_text_len >= 3, f"data.max_text_len must be >= 3, got {self.max_text_len}")
@@ -118,6 +123,8 @@ class DataConfig:
                  f"data.itm_negative_fraction must be in [0, 1), got {self.itm_negative_fraction}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.open_shards >= 1, f"data.open_shards must be >= 1, got {self.open_shards}")
+        _require(self.captions_per_image >= 1,
+                 f"data.captions_per_image must be >= 1, got {self.captions_per_image}")
 
 
 @dataclass
@@ -191,7 +198,9 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "checkpoints"
-    """Local folder or s3:// URL for checkpoints."""
+    """Folder the ranks write checkpoints to (node-local or shared)."""
+    mirror: str = ""
+    """s3:// URL (or folder) each complete checkpoint is copied to; `--resume auto` looks there too."""
     every_steps: int = 1000
     """Save every this many optimizer steps (and at the end)."""
     keep_last: int = 3
@@ -320,6 +329,9 @@ def _type_name(tp: Any) -> str:
     return "None" if tp is type(None) else tp.__name__
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(name: str, value: Any, tp: Any) -> Any:
     """Return `value` converted to `tp` (int -> float only) or raise naming the field."""
     origin = typing.get_origin(tp)
@@ -346,6 +358,8 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
         raise wrong
     return value

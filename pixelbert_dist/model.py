@@ -40,6 +40,7 @@ class PretrainBatch:
     attention_mask: Tensor  # (B, T) long/bool, 1 on real tokens
     mlm_labels: Tensor | None = None  # (B, T) long, original id where masked else -100
     itm_labels: Tensor | None = None  # (B,) long, 1 matching caption, 0 another image's
+    image_index: Tensor | None = None  # (B,) long, the image row of each pair; None: row i is pair i's
 
     def to(self, device: torch.device | str) -> "PretrainBatch":
         return PretrainBatch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
@@ -145,6 +146,9 @@ class VisualEmbedding(nn.Module):
         self.proj = nn.Conv2d(cnn_out_channels(self.cnn), cfg.hidden_size, kernel_size=1)
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         self.semantic_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+        # BERT's text embeddings end in a LayerNorm; the visual tokens get one too, so both
+        # kinds enter the transformer at the same scale whatever the CNN's output scale is.
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=1e-12)
         self.max_grid = cfg.max_visual_grid
         if cfg.visual_position_embedding:
             self.row_embedding = nn.Parameter(torch.randn(cfg.max_visual_grid, cfg.hidden_size) * 0.02)
@@ -195,8 +199,10 @@ class VisualEmbedding(nn.Module):
                 raise ValueError(f"visual grid {rows}x{cols} exceeds model.max_visual_grid={self.max_grid}")
             position = self.row_embedding[:rows, None, :] + self.col_embedding[None, :cols, :]
             grid = grid + position.permute(2, 0, 1).unsqueeze(0)
-        tokens = grid.flatten(2).transpose(1, 2) + self.semantic_embedding
         token_mask = token_mask.flatten(1)
+        # cells wholly in the padding hold -inf: clear them before the norm, or its gradient is NaN
+        tokens = grid.flatten(2).transpose(1, 2).masked_fill(~token_mask.unsqueeze(-1), 0.0)
+        tokens = self.norm(tokens + self.semantic_embedding)
         return tokens.masked_fill(~token_mask.unsqueeze(-1), 0.0), token_mask
 
 
@@ -286,6 +292,8 @@ class PixelBert(nn.Module):
 
     def forward(self, batch: PretrainBatch) -> PixelBertOutput:
         visual, visual_mask = self.visual(batch.images, batch.pixel_mask)
+        if batch.image_index is not None:  # several captions of one image: one CNN pass, tokens shared
+            visual, visual_mask = visual[batch.image_index], visual_mask[batch.image_index]
         if self.training and self.cfg.pixel_sample_count > 0:
             visual, visual_mask = sample_visual_tokens(visual, visual_mask, self.cfg.pixel_sample_count)
         hidden = self.encode(batch.input_ids, batch.attention_mask, visual, visual_mask)

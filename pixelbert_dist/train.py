@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.storage import open_storage
 from pixelbert_dist import checkpoint, distributed
 from pixelbert_dist.config import ConfigError, PretrainConfig
 from pixelbert_dist.data.loader import StreamingLoader, merge_states
@@ -54,6 +55,11 @@ class Trainer:
         if steps_per_epoch == 0:
             raise ConfigError(f"{cfg.data.train_manifest} holds too few pairs for one optimizer step of "
                               f"{cfg.train.global_batch_size} pairs")
+        if cfg.checkpoint.mirror:
+            if dist_info.is_main:
+                open_storage(cfg.checkpoint.mirror).check_writable()  # a missing bucket: before any step
+            if resume == "auto":
+                checkpoint.pull_newest(cfg.checkpoint.dir, cfg.checkpoint.mirror, dist_info.local_rank)
         found = checkpoint.resolve(resume, cfg.checkpoint.dir)
         client = checkpoint.read_client_state(*found) if found else None
         elastic = client is not None and client["world_size"] != dist_info.world_size
@@ -113,9 +119,14 @@ class Trainer:
                 "config": self.cfg.to_dict()}
 
     def save(self) -> Path:
-        path = checkpoint.save(self.engine, self.cfg.checkpoint.dir, self.step, self._client_state(),
-                               self.cfg.checkpoint.keep_last, self.dist.is_main)
-        self.tracker.tag(f"checkpoint.{checkpoint.tag_for(self.step)}", str(path.resolve()))
+        ckpt = self.cfg.checkpoint
+        path = checkpoint.save(self.engine, ckpt.dir, self.step, self._client_state(), ckpt.keep_last,
+                               self.dist.is_main)
+        location = str(path.resolve())
+        if ckpt.mirror:
+            checkpoint.push(ckpt.dir, path.name, ckpt.mirror, ckpt.keep_last)
+            location = f"{ckpt.mirror.rstrip('/')}/{path.name}"
+        self.tracker.tag(f"checkpoint.{path.name}", location)
         return path
 
     # ------------------------------------------------------------------ loop

@@ -38,9 +38,10 @@ def test_paper_settings_in_r50_config():
 def test_overrides_win_over_the_file_and_are_typed():
     cfg = load_config(REPO / "configs/pretrain/tiny-cpu.yaml",
                       ["--model.num_layers=4", "--optim.cnn_lr=1", "--model.backbone_widths=[8,8,16,16]",
-                       "--tracking.run_name=abc"])
+                       "--tracking.run_name=abc", "--optim.transformer_lr=3e-4"])
     assert cfg.model.num_layers == 4
     assert cfg.optim.cnn_lr == 1.0 and isinstance(cfg.optim.cnn_lr, float)
+    assert cfg.optim.transformer_lr == 3e-4  # YAML reads "3e-4" as a string; a float field takes it
     assert cfg.model.backbone_widths == [8, 8, 16, 16]
     assert cfg.tracking.run_name == "abc"
     assert cfg.model.hidden_size == 64  # untouched keys keep the file's value

@@ -1,6 +1,7 @@
 """The streaming loader on real shards: coverage, exact resume, S3, bad samples."""
 
 import io
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -126,6 +127,31 @@ def test_resume_two_ranks_as_one_covers_the_epoch_exactly_once(dataset):
     assert consumed == len(seen)
 
 
+def test_caption_groups_run_the_cnn_once_per_image_and_resume_exactly(dataset):
+    url, cfg = dataset
+    grouped = load_config(TINY, [f"--data.tokenizer={cfg.data.tokenizer}", "--data.image_short_side=128",
+                                 "--data.image_long_side=192", "--data.captions_per_image=4"])
+    full, _ = _run(url, grouped, world=2, workers=2, batch=8)
+    runs, rows = [], 0
+    for batch, info in (item for step in full for item in step):
+        rows += batch.images.shape[0]
+        assert batch.image_index is not None and batch.images.shape[0] == len(set(info.keys)) < len(info.keys)
+        mapping = set(zip(info.keys, batch.image_index.tolist()))  # a row is one image and vice versa
+        assert len(mapping) == len(set(info.keys)) == len({row for _, row in mapping})
+        runs += [len(list(g)) for _, g in itertools.groupby(info.keys)]
+    pairs = _pairs(full)
+    # 5 captions an image deal as a run of 4 and a run of 1; batch edges cut some runs
+    assert max(runs) == 4 and sum(r for r in runs if r == 4) > len(pairs) / 2
+    assert rows < len(pairs) / 2  # over 2 pairs per CNN pass (1 without groups)
+    assert len(pairs) == len(set(pairs)) and Manifest(str(url)).total_pairs - len(pairs) < 2 * 2 * 8
+
+    head, state = _run(url, grouped, world=2, workers=2, batch=8, stop=2)
+    tail, _ = _run(url, grouped, world=2, workers=2, batch=8, state=state)
+    assert _pairs(head + tail) == pairs
+    with pytest.raises(ValueError, match="captions_per_image=4"):
+        StreamingLoader(str(url), cfg.data, 8).load_state_dict(state)
+
+
 def test_reads_from_s3_like_from_a_folder(dataset, bucket):
     url, cfg = dataset
     client = s3_client()
@@ -137,8 +163,26 @@ def test_reads_from_s3_like_from_a_folder(dataset, bucket):
     assert all(torch.equal(a.images, b.images) for ((a, _),), ((b, _),) in zip(local, remote))
 
 
-def test_a_corrupt_image_mid_stream_is_skipped_counted_and_consumed(dataset, tmp_path):
+def _with_decoder(cfg, decoder):
+    import dataclasses
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decoder=decoder))
+
+
+def test_the_dali_path_gives_the_cpu_paths_batches(dataset):
     url, cfg = dataset
+    cpu, _ = _run(url, _with_decoder(cfg, "cpu"), world=1, workers=1, batch=8, stop=3)
+    dali, _ = _run(url, _with_decoder(cfg, "dali"), world=1, workers=1, batch=8, stop=3)
+    for (batch_c, info_c), (batch_d, info_d) in zip((s[0] for s in cpu), (s[0] for s in dali)):
+        assert info_c.pairs == info_d.pairs and torch.equal(batch_c.input_ids, batch_d.input_ids)
+        assert torch.equal(batch_c.pixel_mask, batch_d.pixel_mask)
+        # resize filters differ (PIL bicubic vs DALI's): close, not equal, in normalized units
+        assert (batch_c.images - batch_d.images).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("decoder", ["cpu", "dali"])
+def test_a_corrupt_image_mid_stream_is_skipped_counted_and_consumed(dataset, tmp_path, decoder):
+    url, cfg = dataset
+    cfg = _with_decoder(cfg, decoder)
     broken = tmp_path / "broken"
     shutil.copytree(url, broken)
     manifest = json.loads((broken / MANIFEST).read_text())

@@ -255,3 +255,15 @@ def test_every_trainable_parameter_gets_a_gradient_even_without_masked_tokens(ti
     model(batch).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+def test_pairs_sharing_an_image_row_equal_pairs_with_their_own_copy(tiny_cfg):
+    model = PixelBert(tiny_cfg.model).eval()  # eval: every token, no random pixel sampling
+    batch = synthetic_batch(tiny_cfg.model.vocab_size, 2, (128, 192), 10)
+    index = torch.tensor([0, 0, 1, 0])
+    shared = PretrainBatch(batch.images, batch.pixel_mask, batch.input_ids[index], batch.attention_mask[index],
+                           image_index=index)
+    copied = PretrainBatch(batch.images[index], batch.pixel_mask[index], batch.input_ids[index],
+                           batch.attention_mask[index])
+    with torch.no_grad():
+        torch.testing.assert_close(model(shared).itm_logits, model(copied).itm_logits)

@@ -22,13 +22,16 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local):
+    """Synthetic shards in a bucket of moto's S3 server: training reads them over HTTP."""
+    from data_pipeline.storage import s3_client
     root = tmp_path_factory.mktemp("pretrain-data")
     captions = generate(root / "syn", 48, seed=11)
+    s3_client().create_bucket(Bucket="pretrain-data")
     assert shard.main(["--source", f"coco:captions={captions},images={root / 'syn' / 'images'}",
-                       "--out", str(root / "shards"), "--shard-size", "8", "--no-progress"]) == 0
+                       "--out", "s3://pretrain-data/shards", "--shard-size", "8", "--no-progress"]) == 0
     vocab = train_wordpiece([a["caption"] for a in json.loads(captions.read_text())["annotations"]], 150,
                             root / "vocab")
-    return root / "shards", vocab
+    return "s3://pretrain-data/shards", vocab
 
 
 def _argv(data, workdir: Path, **overrides) -> list[str]:
@@ -150,7 +153,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_2_ranks_resume_as_1(data, t
             for line in path.read_text().splitlines() for p in json.loads(line)["pairs"]]
     assert len(seen) == len(set(seen))
     from pixelbert_dist.data.plan import Manifest
-    assert Manifest(str(data[0])).total_pairs - len(seen) < 8
+    assert Manifest(data[0]).total_pairs - len(seen) < 8
 
 
 def test_deepspeed_json_conflicts_and_shapes_are_named_before_training(tmp_path):
@@ -224,12 +227,50 @@ def test_kill_minus_9_of_one_rank_fails_the_job_quickly_and_resume_auto_finishes
 
 
 @pytest.mark.slow
+def test_checkpoints_mirrored_to_s3_resume_on_a_node_that_lost_its_local_copies(data, tmp_path, bucket):
+    from data_pipeline.storage import open_storage
+    mirror = f"s3://{bucket}/run1"
+    argv = _argv(data, tmp_path, train__max_steps=4, checkpoint__every_steps=2, checkpoint__keep_last=1,
+                 checkpoint__mirror=mirror)
+    done = _torchrun(2, argv, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    local = tmp_path / "ckpt" / "step00000004"
+    mirrored = [n for n in open_storage(mirror).list()]
+    assert all(n.startswith("step00000004/") for n in mirrored)  # step 2 pruned there too
+    assert sorted(n.split("/", 1)[1] for n in mirrored) == sorted(
+        p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert any("zero_pp_rank_1_" in n for n in mirrored)  # rank 1 sent its own partition
+
+    # a fresh node: no local checkpoints; --resume auto fetches step 4 and continues to 6
+    import shutil
+    shutil.rmtree(tmp_path / "ckpt")
+    done = _torchrun(2, _argv(data, tmp_path, train__max_steps=6, checkpoint__every_steps=2,
+                              checkpoint__keep_last=1, checkpoint__mirror=mirror), tmp_path, ["--resume", "auto"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and "step 4" in done.stderr
+    steps = sorted({r["step"] for r in _pairs_log(tmp_path)})
+    assert steps == list(range(6))  # 0-3 before, 4-5 after the resume: nothing repeated
+    with sqlite3.connect(tmp_path / "mlruns.db") as con:
+        tags = dict(con.execute("select key, value from tags").fetchall())
+    assert tags["checkpoint.step00000006"] == f"{mirror}/step00000006"
+
+
+def test_a_missing_mirror_bucket_is_an_error_before_any_step(data, tmp_path):
+    done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, checkpoint__mirror="s3://no-such-bucket/x"),
+                     tmp_path)
+    assert done.returncode != 0
+    assert "no-such-bucket" in done.stderr and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.slow
 def test_ray_launcher_under_ray_job_submit_on_a_ray_start_cluster(data, tmp_path, ray_head):
     argv = _argv(data, tmp_path, train__max_steps=3)
     submit = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head["jobs"], "--working-dir", str(REPO),
          "--runtime-env-json", json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-                                                        "PIXELBERT_RAY_STORAGE": str(tmp_path / "ray")}}),
+                                                        "PIXELBERT_RAY_STORAGE": str(tmp_path / "ray"),
+                                                        **{k: v for k, v in os.environ.items()
+                                                           if k.startswith("AWS_")}}}),
          "--", "python", "-m", "pixelbert_dist.pretrain", "--launcher", "ray", "--num-workers", "2", *argv],
         env=ray_head["env"], capture_output=True, text=True, timeout=600)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]

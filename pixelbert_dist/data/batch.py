@@ -74,5 +74,36 @@ class BatchBuilder:
         input_ids, mlm_labels = mask_tokens(encoded.input_ids, encoded.attention_mask, self.special,
                                             self.cfg.mlm_probability, generator)
         mlm_labels[itm_labels == 0] = IGNORE_INDEX
-        pixels, pixel_mask = pad_images(images)
-        return PretrainBatch(pixels, pixel_mask, input_ids, encoded.attention_mask, mlm_labels, itm_labels)
+        firsts, image_index = image_rows(keys)
+        if isinstance(images[firsts[0]], Tensor):
+            pixels, pixel_mask = pad_images([images[i] for i in firsts])
+        else:  # still encoded: decoded on the GPU in the training process (dali_decode.py)
+            pixels = pixel_mask = None
+        return PretrainBatch(pixels, pixel_mask, input_ids, encoded.attention_mask, mlm_labels, itm_labels,
+                             image_index)
+
+
+def image_rows(keys: list[str]) -> tuple[list[int], Tensor | None]:
+    """The first pair of each distinct image, and each pair's image row (None: all distinct).
+
+    One image row per image: the G pairs of a caption group share one CNN pass.
+    """
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    if len(first) == len(keys):
+        return list(first.values()), None
+    row = {key: r for r, key in enumerate(first)}
+    return list(first.values()), torch.tensor([row[key] for key in keys])
+
+
+def drop_images(batch: PretrainBatch, keep_rows: list[int]) -> tuple[PretrainBatch, list[int]]:
+    """The batch without the pairs of image rows not in `keep_rows`; returns it and the kept pairs."""
+    rows = batch.image_index.tolist() if batch.image_index is not None else list(range(len(batch.input_ids)))
+    new_row = {old: new for new, old in enumerate(keep_rows)}
+    kept = [i for i, r in enumerate(rows) if r in new_row]
+    index = torch.tensor(kept, dtype=torch.long)
+    pick = lambda t: None if t is None else t[index]  # noqa: E731
+    image_index = torch.tensor([new_row[rows[i]] for i in kept]) if batch.image_index is not None else None
+    return PretrainBatch(batch.images, batch.pixel_mask, pick(batch.input_ids), pick(batch.attention_mask),
+                         pick(batch.mlm_labels), pick(batch.itm_labels), image_index), kept

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pixelbert_dist.config import DataConfig
-from pixelbert_dist.data.batch import BatchBuilder
+from pixelbert_dist.data.batch import BatchBuilder, drop_images, image_rows
+from pixelbert_dist.data.dali_decode import resolve_decoder
 from pixelbert_dist.data.plan import Manifest, Segment, merge_ranges, remaining_segments, split_even
 from pixelbert_dist.data.stream import interleave, interleave_order
 from pixelbert_dist.model import PretrainBatch
@@ -38,6 +39,7 @@ class BatchInfo:
     consumed: dict[str, list[list[int]]]  # every pair read for this batch, skipped ones too
     skipped: int                      # pairs whose image did not decode
     truncated: int                    # captions cut to max_text_len
+    jpegs: list[bytes] | None = None  # per image row, when the images are decoded on the GPU
 
 
 class _PairBatches(IterableDataset):
@@ -54,17 +56,20 @@ class _PairBatches(IterableDataset):
         global_worker = loader.rank * loader.num_workers_or_one + worker
         segments = self.parts[global_worker]
         tag = f"{self.plan_tag}-{global_worker}"
-        order = interleave_order(segments, loader.open_shards, random.Random(tag))
+        order = interleave_order(loader.manifest, segments, loader.open_shards, random.Random(tag))
         skip = _consumed_prefix(segments, order, loader.consumed)
         builder = BatchBuilder(load_tokenizer(loader.cfg.tokenizer), loader.cfg)
         pairs, images, consumed, skipped = [], [], [], 0
         for pair in interleave(loader.manifest, segments, order, skip):
             consumed.append((pair.shard, pair.index))
-            try:
-                images.append(builder.image(pair))
-            except ValueError:
-                skipped += 1
-                continue
+            if loader.decoder == "cpu":
+                try:
+                    images.append(builder.image(pair))
+                except ValueError:
+                    skipped += 1
+                    continue
+            else:
+                images.append(pair.jpeg)
             pairs.append(pair)
             if len(pairs) == loader.batch_size:
                 # seeded by the batch's first pair: the same batch gets the same targets after a resume
@@ -75,9 +80,10 @@ class _PairBatches(IterableDataset):
                 ranges: dict[str, list[list[int]]] = {}
                 for shard, index in consumed:
                     ranges.setdefault(shard, []).append([index, index + 1])
+                jpegs = None if batch.images is not None else [pairs[i].jpeg for i in image_rows([p.key for p in pairs])[0]]
                 yield batch, BatchInfo([p.key for p in pairs], [(p.shard, p.index) for p in pairs],
                                        {s: merge_ranges(r) for s, r in ranges.items()}, skipped,
-                                       builder.truncated - truncated_before)
+                                       builder.truncated - truncated_before, jpegs)
                 pairs, images, consumed, skipped = [], [], [], 0
 
 
@@ -100,7 +106,9 @@ class StreamingLoader:
         self.manifest_url, self.cfg, self.batch_size = manifest_url, cfg, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers, self.open_shards = num_workers, open_shards
-        self.manifest = Manifest(manifest_url)
+        self.manifest = Manifest(manifest_url, cfg.captions_per_image)
+        self.decoder = resolve_decoder(cfg.decoder)
+        self._dali = None  # made in the training process on first use: it owns GPU memory
         self.epoch = 0
         self.consumed: dict[str, list[list[int]]] = {}
         # The epoch's split is made from the pairs left when it was planned (`plan_base`) for
@@ -143,12 +151,29 @@ class StreamingLoader:
         for step, (batch, info) in enumerate(loader):
             if step >= steps:
                 break
+            if info.jpegs is not None:
+                batch, info = self._decode(batch, info)
             for shard, ranges in info.consumed.items():
                 self.consumed[shard] = merge_ranges(self.consumed.get(shard, []) + ranges)
             self.skipped += info.skipped
             self.truncated += info.truncated
             self.plan_step += 1
             yield batch, info
+
+    def _decode(self, batch: PretrainBatch, info: BatchInfo) -> tuple[PretrainBatch, BatchInfo]:
+        """DALI decode of a batch's images; pairs of an image that does not decode are dropped, counted."""
+        if self._dali is None:
+            from pixelbert_dist.data.dali_decode import DaliImageDecoder
+            device = torch.cuda.current_device() if torch.cuda.is_available() else None
+            self._dali = DaliImageDecoder(self.cfg.image_short_side, self.cfg.image_long_side,
+                                          self.batch_size, device)
+        batch.images, batch.pixel_mask, kept_rows = self._dali(info.jpegs)
+        if len(kept_rows) < len(info.jpegs):
+            batch, kept = drop_images(batch, kept_rows)
+            info = BatchInfo([info.keys[i] for i in kept], [info.pairs[i] for i in kept], info.consumed,
+                             info.skipped + len(info.keys) - len(kept), info.truncated)
+        info.jpegs = None
+        return batch, info
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -158,12 +183,17 @@ class StreamingLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": {s: [list(r) for r in v] for s, v in self.consumed.items()},
                 "plan_base": self.plan_base, "plan_layout": self.plan_layout, "plan_step": self.plan_step,
-                "skipped": self.skipped, "truncated": self.truncated}
+                "skipped": self.skipped, "truncated": self.truncated,
+                "captions_per_image": self.manifest.group}
 
     def load_state_dict(self, state: dict) -> None:
         unknown = set(state["consumed"]) - set(self.manifest.shards)
         if unknown:
             raise ValueError(f"loader state names shards not in {self.manifest_url}: {sorted(unknown)[:3]}")
+        group = state.get("captions_per_image", 1)
+        if group != self.manifest.group:  # pair numbers within a window depend on the dealing
+            raise ValueError(f"loader state was saved with data.captions_per_image={group}; this run has "
+                             f"{self.manifest.group}. Resume with the same value.")
         self.epoch = state["epoch"]
         self.consumed = {s: merge_ranges(v) for s, v in state["consumed"].items()}
         layout = [self.world_size, self.num_workers_or_one]
@@ -192,5 +222,6 @@ def merge_states(states: list[dict]) -> dict:
         raise ValueError("ranks disagree on the epoch's plan")
     return {"epoch": epochs.pop(), "consumed": consumed, "plan_base": states[0].get("plan_base", {}),
             "plan_layout": states[0].get("plan_layout"), "plan_step": states[0].get("plan_step", 0),
+            "captions_per_image": states[0].get("captions_per_image", 1),
             "skipped": sum(s.get("skipped", 0) for s in states),
             "truncated": sum(s.get("truncated", 0) for s in states)}

@@ -5,7 +5,8 @@ pairs are numbered window by window: the samples are taken MIX_WINDOW at a time 
 order and their captions dealt round-robin (caption 0 of each, then caption 1 of each...),
 so the captions of one image are spread out rather than back to back, reading stays
 sequential, and a position is one integer per shard: a reader seeks to the window's first
-sample and skips into it.
+sample and skips into it. With `captions_per_image` G > 1, captions are dealt G at a time,
+so a batch holds runs of G pairs of one image and the CNN runs once for the run (SOHO).
 
 Progress is a set of consumed pair ranges per shard. The pairs not yet consumed, in a
 shard order drawn from (seed, epoch), are cut into equal contiguous parts, one per global
@@ -26,12 +27,19 @@ from data_pipeline.storage import StorageError, open_storage
 MIX_WINDOW = 16  # samples whose captions are dealt round-robin
 
 
-def round_robin(counts: list[int]) -> list[tuple[int, int]]:
-    """(sample within window, caption index) in dealing order."""
+def round_robin(counts: list[int], group: int = 1) -> list[tuple[int, int]]:
+    """(sample within window, caption index) in dealing order, `group` captions of a sample at a time."""
     order = []
-    for caption in range(max(counts, default=0)):
-        order.extend((sample, caption) for sample, count in enumerate(counts) if caption < count)
+    for first in range(0, max(counts, default=0), group):
+        for sample, count in enumerate(counts):
+            order.extend((sample, caption) for caption in range(first, min(first + group, count)))
     return order
+
+
+def run_lengths(counts: list[int], group: int) -> list[int]:
+    """Lengths of the dealing's runs: the consecutive pairs of one image (at most `group`)."""
+    return [min(group, count - first) for first in range(0, max(counts, default=0), group)
+            for count in counts if first < count]
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,8 @@ class Segment:
 class Manifest:
     """A dataset's manifest.json: shards, their samples' byte offsets and caption counts."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, url: str, captions_per_image: int = 1) -> None:
+        self.url, self.group = url, captions_per_image
         self.storage = open_storage(url)
         try:
             data = json.loads(self.storage.read_bytes(MANIFEST))
@@ -76,6 +84,23 @@ class Manifest:
         starts, _ = self._windows[shard]
         window = bisect.bisect_right(starts, pair) - 1
         return window * MIX_WINDOW, pair - starts[window]
+
+    def runs(self, segment: "Segment") -> list[int]:
+        """Run lengths of a segment's pairs: each run is one image's consecutive pairs."""
+        first_sample, position = self.locate(segment.shard, segment.start)
+        lengths, pair = [], segment.start
+        while pair < segment.end:
+            for length in run_lengths(self.window_counts(segment.shard, first_sample), self.group):
+                if position >= length:  # runs before the segment's start
+                    position -= length
+                    continue
+                take = min(length - position, segment.end - pair)
+                lengths.append(take)
+                pair, position = pair + take, 0
+                if pair >= segment.end:
+                    break
+            first_sample += MIX_WINDOW
+        return lengths
 
     def window_counts(self, shard: str, first_sample: int) -> list[int]:
         samples = self.shards[shard]["samples"][first_sample:first_sample + MIX_WINDOW]

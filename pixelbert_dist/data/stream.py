@@ -38,7 +38,7 @@ def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
             window = [next(samples) for _ in counts]
             decoded = [(entry.key, members.get("jpg", b""), json.loads(members["json"])["captions"])
                        for entry, members in window]
-            for sample, caption in round_robin(counts)[position:]:
+            for sample, caption in round_robin(counts, manifest.group)[position:]:
                 if pair >= segment.end:
                     return
                 key, jpeg, captions = decoded[sample]
@@ -47,10 +47,12 @@ def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
             first_sample, position = first_sample + len(counts), 0
 
 
-def interleave_order(segments: list[Segment], open_count: int, rng: random.Random) -> list[int]:
-    """Which segment each successive pair comes from: up to `open_count` open at a time,
-    the next drawn at random. Computed without I/O, so a resumed worker can replay it."""
-    remaining = [len(s) for s in segments]
+def interleave_order(manifest: Manifest, segments: list[Segment], open_count: int,
+                     rng: random.Random) -> list[int]:
+    """Which segment each successive pair comes from: up to `open_count` open at a time, the
+    next run (one image's consecutive pairs) drawn at random. Computed from the manifest
+    without I/O, so a resumed worker can replay it."""
+    runs = [manifest.runs(s)[::-1] for s in segments]  # popped from the end
     pending, open_ = list(range(len(segments))), []
     order: list[int] = []
     while pending or open_:
@@ -58,11 +60,10 @@ def interleave_order(segments: list[Segment], open_count: int, rng: random.Rando
             open_.append(pending.pop(0))
         slot = rng.randrange(len(open_))
         segment = open_[slot]
-        if remaining[segment] == 0:
+        if not runs[segment]:
             open_.pop(slot)
             continue
-        order.append(segment)
-        remaining[segment] -= 1
+        order.extend([segment] * runs[segment].pop())
     return order
 
 

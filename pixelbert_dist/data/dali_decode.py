@@ -1,0 +1,187 @@
+"""Stage 4 of the loader on NVIDIA DALI: decode, resize, normalize and pad a batch in one pipeline.
+
+A drop-in for `batch.decode_resize` on every image followed by `model.pad_images`:
+
+    decoder = DaliImageDecoder(short_side=800, long_side=1333, max_batch_size=32, device_id=local_rank)
+    images, pixel_mask, kept = decoder([pair.jpeg for pair in pairs])   # kept: indices that decoded
+
+Same output sizes as the CPU path (`resized_size`, computed here from the image header and fed
+to the pipeline, so no second rounding rule exists), same zero padding to a multiple of
+TOKEN_STRIDE, the same mask. Pixel values differ by a few grey levels: PIL decodes large
+downscales at 1/2..1/8 scale in the DCT domain and then resizes; DALI decodes at full size and
+resizes with an antialiased cubic filter (tests/test_dali_decode.py states the measured gap).
+
+Encoded bytes come from our own streaming loader through `external_source`, so sharding,
+shuffling and resumption stay in one place; DALI only replaces the image arithmetic.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from pixelbert_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD, resized_size
+from pixelbert_dist.model import TOKEN_STRIDE
+
+if TYPE_CHECKING:
+    from nvidia.dali import Pipeline
+
+log = logging.getLogger(__name__)
+
+DecoderChoice = Literal["cpu", "dali"]
+
+
+def build_pipeline(max_batch_size: int, device_id: int | None, num_threads: int = 2,
+                   multiple: int = TOKEN_STRIDE) -> "Pipeline":
+    """The DALI graph, defined but not built: inputs "jpegs" (encoded bytes) and "sizes" ([h, w]).
+
+    device_id=None runs every operator on the CPU; otherwise decoding is "mixed" (nvJPEG, with
+    the GPU's hardware JPEG engine where it has one) and the rest runs on that GPU. Defining the
+    graph checks operator argument names and input devices, and needs no GPU; `build()` does.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import Pipeline
+
+    # One batch in flight: the caller feeds a batch and waits for it. Overlap with the model
+    # comes from the loader's workers preparing the next batch's bytes meanwhile.
+    pipe = Pipeline(batch_size=max_batch_size, num_threads=num_threads, device_id=device_id,
+                    prefetch_queue_depth=1)
+    with pipe:
+        jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
+        sizes = fn.external_source(name="sizes", dtype=types.FLOAT, ndim=1)
+        if device_id is None:
+            images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, adjust_orientation=False)
+        else:
+            # fancy upsampling: the chroma upsampling libjpeg-turbo (and so PIL) uses
+            images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, adjust_orientation=False,
+                                       jpeg_fancy_upsampling=True)
+        # adjust_orientation=False above: the CPU path does not apply EXIF rotation either.
+        # Cubic + antialias is the closest of DALI's filters to PIL's bicubic (linear: 2x the gap).
+        images = fn.resize(images, size=sizes, interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                          mean=[255 * m for m in IMAGENET_MEAN],
+                                          std=[255 * s for s in IMAGENET_STD])
+        # pad H and W to the batch maximum rounded up to `multiple`, top-left: pad_images' layout
+        images = fn.pad(images, axes=(1, 2), align=(multiple, multiple), fill_value=0.0)
+        pipe.set_outputs(images)
+    return pipe
+
+
+class DaliImageDecoder:
+    """Encoded images -> (images (B',3,H,W) float32, pixel_mask (B',H,W) bool, kept indices).
+
+    Outputs live on `cuda:device_id`, or on the CPU when device_id is None. Images that do not
+    decode are dropped, logged and counted in `skipped`; `kept` lists the input indices that
+    made it, in order, so the caller can drop the matching captions.
+    """
+
+    def __init__(self, short_side: int, long_side: int, max_batch_size: int, device_id: int | None,
+                 num_threads: int = 2) -> None:
+        self.short_side, self.long_side = short_side, long_side
+        self.max_batch_size, self.device_id, self.num_threads = max_batch_size, device_id, num_threads
+        self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+        self.skipped = 0
+        self._pipe = self._build()
+
+    def _build(self) -> "Pipeline":
+        pipe = build_pipeline(self.max_batch_size, self.device_id, self.num_threads)
+        pipe.build()
+        return pipe
+
+    def __call__(self, jpegs: Sequence[bytes]) -> tuple[Tensor, Tensor, list[int]]:
+        if len(jpegs) > self.max_batch_size:
+            raise ValueError(f"{len(jpegs)} images exceed max_batch_size={self.max_batch_size}")
+        # The header gives the size, and rejects non-images before DALI sees them.
+        sizes = {i: size for i, jpeg in enumerate(jpegs) if (size := self._target_size(i, jpeg))}
+        kept = list(sizes)
+        try:
+            images = self._run([jpegs[i] for i in kept], [sizes[i] for i in kept])
+        except RuntimeError:
+            # A body that does not decode (a truncated file, say) fails the whole batch, and DALI
+            # does not say reliably which sample it was. Decoding each image alone finds the bad
+            # ones; it costs a batch's worth of small runs, paid only on a batch that holds one.
+            # DALI declares a pipeline invalid after an error, so each failure rebuilds it.
+            self._pipe = self._build()
+            kept = [i for i in kept if self._decodes(i, jpegs[i], sizes[i])]
+            images = self._run([jpegs[i] for i in kept], [sizes[i] for i in kept])
+        self.skipped += len(jpegs) - len(kept)
+        return images, self._pixel_mask([sizes[i] for i in kept], images.shape[-2:]), kept
+
+    def _target_size(self, index: int, jpeg: bytes) -> tuple[int, int] | None:
+        try:
+            with Image.open(io.BytesIO(jpeg)) as image:  # reads the header only
+                return resized_size(image.height, image.width, self.short_side, self.long_side)
+        except Exception as err:  # PIL raises many types for a broken header
+            log.warning("skipping image %d of the batch: unreadable header (%s)", index, err)
+            return None
+
+    def _decodes(self, index: int, jpeg: bytes, size: tuple[int, int]) -> bool:
+        try:
+            self._run([jpeg], [size])
+            return True
+        except RuntimeError as err:
+            log.warning("skipping image %d of the batch: %s", index, str(err).strip().splitlines()[-1])
+            self._pipe = self._build()
+            return False
+
+    def _run(self, jpegs: list[bytes], sizes: list[tuple[int, int]]) -> Tensor:
+        if not jpegs:
+            return torch.zeros(0, 3, 0, 0, device=self.device)
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        (out,) = self._pipe.run(jpegs=[np.frombuffer(j, dtype=np.uint8) for j in jpegs],
+                                sizes=[np.asarray(s, dtype=np.float32) for s in sizes])
+        dense = out.as_tensor()  # padded, so every sample has the same shape
+        # A copy, not a DLPack view: DALI reuses its output buffer on the next run.
+        images = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(dense, images, cuda_stream=stream)
+        return images
+
+    def _pixel_mask(self, sizes: list[tuple[int, int]], shape: Sequence[int]) -> Tensor:
+        """True on each image's top-left h x w: what pad_images returns for the same sizes."""
+        heights = torch.tensor([h for h, _ in sizes], dtype=torch.long, device=self.device)
+        widths = torch.tensor([w for _, w in sizes], dtype=torch.long, device=self.device)
+        rows = torch.arange(shape[0], device=self.device) < heights[:, None]
+        cols = torch.arange(shape[1], device=self.device) < widths[:, None]
+        return rows[:, :, None] & cols[:, None, :]
+
+
+def resolve_decoder(choice: str) -> DecoderChoice:
+    """`data.decoder` -> the image path to use: "cpu" (PIL) or "dali".
+
+    "auto" picks DALI only where it pays: a CUDA GPU and an importable DALI. On the CPU,
+    DALI is no faster than PIL per core (benchmarks/results/loader_*), so auto keeps PIL there.
+    An explicit "dali" without a GPU runs DALI's CPU operators; without DALI it is an error.
+    """
+    if choice not in ("cpu", "dali", "auto"):
+        raise ValueError(f"data.decoder must be cpu, dali or auto, not {choice!r}")
+    if choice == "cpu":
+        return "cpu"
+    missing = _dali_import_error()
+    if choice == "dali":
+        if missing:
+            raise RuntimeError(f"data.decoder=dali but nvidia.dali does not import: {missing}")
+        return "dali"
+    if not torch.cuda.is_available():
+        log.info("data.decoder=auto -> cpu: no CUDA GPU, and DALI gains nothing over PIL on the CPU")
+        return "cpu"
+    if missing:
+        log.warning("data.decoder=auto -> cpu: a GPU is present but nvidia.dali does not import (%s)", missing)
+        return "cpu"
+    return "dali"
+
+
+def _dali_import_error() -> str | None:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as err:  # ImportError, or an OSError from a missing CUDA library
+        return f"{type(err).__name__}: {err}"
+    return None
