@@ -34,12 +34,12 @@ bench-sharding: $(STAMP) benchmarks/.venv-img2dataset/bin/img2dataset
 # The main job end to end on this machine: synthetic data -> Ray sharding -> 2-process
 # DeepSpeed ZeRO-2 pre-training of the tiny config -> MLflow. Under 10 minutes on 2 cores.
 DEMO := runs/demo
-DEMO_STEPS ?= 500
+DEMO_STEPS ?= 1500
 .PHONY: demo
 demo: $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(PY) -m data_pipeline.synthetic --out $(DEMO)/synthetic --num-images 2000 --seed 0
-	$(PY) -m data_pipeline.shard --out $(DEMO)/shards --shard-size 100 --max-short-side 224 --max-long-side 384 \
+	$(PY) -m data_pipeline.shard --out $(DEMO)/shards --shard-size 100 --max-short-side 128 --max-long-side 192 \
 	    --source coco:captions=$(DEMO)/synthetic/annotations/captions.json,images=$(DEMO)/synthetic/images
 	$(PY) -m pixelbert_dist.tokenizer --captions $(DEMO)/synthetic/annotations/captions.json --out $(DEMO)/vocab
 	cd $(DEMO) && OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu RAY_USAGE_STATS_ENABLED=0 \

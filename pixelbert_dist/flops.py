@@ -7,6 +7,7 @@ samples/s / peak FLOP/s.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -76,3 +77,18 @@ def measure_flops(model: PixelBert, batch: PretrainBatch) -> FlopsPerSample:
     model.zero_grad(set_to_none=True)
     return FlopsPerSample(forward_counter.get_total_flops() / size,
                           backward_counter.get_total_flops() / size)
+
+
+def training_flops_per_sample(model: PixelBert, image_size: tuple[int, int], text_len: int,
+                              device: torch.device) -> float:
+    """FLOPs of one pre-training sample at `image_size`, counted on a copy of `model` on `device`.
+
+    A copy, and a forked RNG, so that counting changes neither the norms' running statistics
+    nor the random stream the training run continues with.
+    """
+    probe = copy.deepcopy(model).to(device).train()
+    batch = synthetic_batch(model.cfg.vocab_size, 1, image_size, text_len).to(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        flops = measure_flops(probe, batch).training
+    del probe
+    return flops

@@ -23,6 +23,8 @@ from pixelbert_dist.config import ConfigError, PretrainConfig
 from pixelbert_dist.data.loader import StreamingLoader, merge_states
 from pixelbert_dist.distributed import DistInfo
 from pixelbert_dist.engine import build_engine, deepspeed_config
+from pixelbert_dist.flops import training_flops_per_sample
+from pixelbert_dist.metrics import StepTimer, device_peak
 from pixelbert_dist.model import PixelBert, PretrainBatch
 from pixelbert_dist.optim import build_lr_schedule, build_optimizer
 from pixelbert_dist.tokenizer import load_tokenizer
@@ -77,6 +79,11 @@ class Trainer:
             if dist_info.is_main:
                 log.warning("resuming %d ranks' checkpoint on %d: weights, schedule and data position are "
                             "restored; optimizer moments restart", client["world_size"], dist_info.world_size)
+        # MFU's numerator: counted once, at the configured image size (landscape, unpadded)
+        flops = training_flops_per_sample(model, (cfg.data.image_short_side, cfg.data.image_long_side),
+                                          cfg.data.max_text_len, dist_info.device)
+        self.timer = StepTimer(flops, device_peak(cfg.train.precision).flops, dist_info.world_size,
+                               device=dist_info.device)
         self.engine = build_engine(model, optimizer, scheduler, ds_config)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
@@ -88,7 +95,7 @@ class Trainer:
             run_id = self._restore(client, found)
         self.tracker = Tracker(cfg.tracking, enabled=dist_info.is_main)
         hosts = distributed.gather_objects(socket.gethostname())
-        params = {**cfg.flat_dict(), "world_size": dist_info.world_size,
+        params = {**cfg.flat_dict(), "world_size": dist_info.world_size, "data.decoder_used": self.loader.decoder,
                   **flatten("deepspeed_json", ds_config)}
         self.run_id = self.tracker.start(run_id, params, run_tags(dist_info.launcher, hosts))
         self._pairs_log = None
@@ -153,16 +160,20 @@ class Trainer:
     def _run_epoch(self) -> bool:
         """Steps until the epoch's batches run out on any rank (True) or max_steps (False)."""
         batches = self.loader.epoch_batches()
+        timer = self.timer
         while not self._done():
-            wait_start = time.perf_counter()
-            item = next(batches, None)
-            self.waited += time.perf_counter() - wait_start
+            with timer.phase("data"):
+                item = next(batches, None)
             if not distributed.all_agree(item is not None):
                 return True
             batch, info = item
-            out = self.engine(self._to_device(batch))
-            self.engine.backward(out.loss)
-            self.engine.step()
+            with timer.phase("forward"):
+                out = self.engine(self._to_device(batch))
+            with timer.phase("backward"):  # ZeRO reduces gradients in here
+                self.engine.backward(out.loss)
+            with timer.phase("optimizer"):
+                self.engine.step()
+            timer.end_step(samples=len(info.pairs), images=batch.images.shape[0])
             self.micro_steps += 1
             self.pairs += len(info.pairs)
             for key in LOSS_KEYS:
@@ -185,8 +196,9 @@ class Trainer:
 
     def _reset_window(self) -> None:
         self.window = {k: 0.0 for k in LOSS_KEYS}
-        self.micro_steps, self.pairs, self.waited = 0, 0, 0.0
+        self.micro_steps, self.pairs = 0, 0
         self.window_start = time.perf_counter()
+        self.timer.reset()
 
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
@@ -194,8 +206,9 @@ class Trainer:
 
     def _log(self, elapsed: float) -> dict:
         # Mean over the window and over ranks; pairs, skips and waiting summed over ranks.
+        timing = self.timer.summary(reset=False)  # this rank's step-time breakdown, MFU, memory
         local = [self.window[k] / max(self.micro_steps, 1) for k in LOSS_KEYS] + \
-                [self.pairs, self.loader.skipped, self.waited / max(elapsed, 1e-9)]
+                [self.pairs, self.loader.skipped, timing.get("frac.data", 0.0)]
         values = torch.tensor(local, dtype=torch.float64)
         torch.distributed.all_reduce(values)
         world = self.dist.world_size
@@ -207,19 +220,14 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             if "name" in group:
                 metrics[f"lr.{group['name']}"] = group["lr"]
-        metrics["memory_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
-                                else _rss_gb())
+        metrics.update({k: v for k, v in timing.items() if k.startswith(("time.", "frac.")) or k in
+                        ("step_time_s", "images_per_s", "mfu", "tflops_per_device", "memory_peak_gib")})
         self.tracker.metrics(metrics, self.step)
         if self.dist.is_main:
             log.info("step %d epoch %d loss %.4f itm_acc %.3f mlm_acc %.3f %.1f pairs/s wait %.1f%%",
                      self.step, self.loader.epoch, metrics["loss"], metrics["itm_accuracy"],
                      metrics["mlm_accuracy"], metrics["samples_per_s"], 100 * metrics["data_wait_fraction"])
         return metrics
-
-
-def _rss_gb() -> float:
-    import psutil
-    return psutil.Process().memory_info().rss / 2**30
 
 
 def _tuple_state(state):

@@ -88,8 +88,13 @@ def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = _metrics(tmp_path / "mlruns.db")
     for key in ("loss", "mlm_loss", "itm_loss", "mlm_accuracy", "itm_accuracy", "lr.cnn", "lr.transformer",
-                "samples_per_s", "data_wait_fraction", "skipped_samples", "memory_gb"):
+                "samples_per_s", "data_wait_fraction", "skipped_samples", "memory_peak_gib", "mfu",
+                "time.forward_s", "time.backward_s", "time.optimizer_s", "frac.data", "images_per_s"):
         assert [s for s, _ in metrics[key]] == list(range(1, 9)), key
+    assert all(0 < v < 1 for _, v in metrics["mfu"])
+    for step in range(1, 9):  # the phases and the rest make up the step
+        fracs = sum(dict(metrics[k])[step] for k in metrics if k.startswith("frac."))
+        assert fracs == pytest.approx(1.0, abs=1e-6)
     losses = [v for _, v in metrics["loss"]]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns (MLM on a tiny vocab drops fast)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
@@ -99,6 +104,7 @@ def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage):
         params = dict(con.execute("select key, value from params").fetchall())
         tags = dict(con.execute("select key, value from tags").fetchall())
     assert params["world_size"] == "2" and params["deepspeed.zero_stage"] == str(stage)
+    assert params["data.decoder"] == "auto" and params["data.decoder_used"] == "cpu"  # no GPU here
     assert tags["launcher"] == "torchrun" and "checkpoint.step00000008" in tags
 
     # export the ZeRO checkpoint to safetensors and load it back
