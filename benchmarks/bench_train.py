@@ -186,11 +186,6 @@ def _deepspeed_step(model, cfg: PretrainConfig, world: int):
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_schedule(optimizer, cfg.optim, steps_per_epoch=1000)
     ds_config = deepspeed_config(cfg, world)
-    if cfg.train.precision in ("bf16", "fp16"):
-        # DeepSpeed >= 0.19 casts parameters only and keeps buffers fp32, so the (frozen)
-        # batch norms' fp32 buffers turn bf16 activations back to fp32 and the next conv
-        # fails. Cast buffers too, until the shipped DeepSpeed JSON says so itself.
-        ds_config.setdefault("data_types", {}).setdefault("buffer_dtype", cfg.train.precision)
     engine = build_engine(model, optimizer, scheduler, ds_config)
     # as train.py: DeepSpeed holds bf16 weights (fp32 master copy in the optimizer); images follow
     images = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)

@@ -46,6 +46,10 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     merged = {**ds, **{k: (v if not isinstance(v, dict) else {**ds.get(k, {}), **v}) for k, v in ours.items()}}
     merged["zero_optimization"] = zero
+    if cfg.train.precision in ("bf16", "fp16"):
+        # DeepSpeed casts parameters but keeps buffers fp32: the norms' fp32 statistics would turn
+        # half-precision activations back to fp32 and the next conv would refuse them.
+        merged.setdefault("data_types", {}).setdefault("buffer_dtype", cfg.train.precision)
     # Our optimizer (SGD + AdamW groups) is a client optimizer DeepSpeed has not vetted.
     merged["zero_allow_untested_optimizer"] = True
     return merged

@@ -162,22 +162,23 @@ class Trainer:
         batches = self.loader.epoch_batches()
         timer = self.timer
         while not self._done():
-            with timer.phase("data"):
+            with timer.phase("data"):  # waiting for the loader, and the copy to the device
                 item = next(batches, None)
+                if item is not None:
+                    batch, info = self._to_device(item[0]), item[1]
             if not distributed.all_agree(item is not None):
                 return True
-            batch, info = item
             with timer.phase("forward"):
-                out = self.engine(self._to_device(batch))
+                out = self.engine(batch)
             with timer.phase("backward"):  # ZeRO reduces gradients in here
                 self.engine.backward(out.loss)
             with timer.phase("optimizer"):
                 self.engine.step()
-            timer.end_step(samples=len(info.pairs), images=batch.images.shape[0])
             self.micro_steps += 1
             self.pairs += len(info.pairs)
-            for key in LOSS_KEYS:
+            for key in LOSS_KEYS:  # .item() waits for the GPU: the step ends after it
                 self.window[key] += getattr(out, key).detach().item()
+            timer.end_step(samples=len(info.pairs), images=batch.images.shape[0])
             if self._pairs_log is not None:
                 self._pairs_log.write(json.dumps({"step": self.step, "pairs": info.pairs,
                                                   "loss": out.loss.detach().item()}) + "\n")

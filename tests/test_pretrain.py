@@ -194,6 +194,13 @@ def test_deepspeed_launcher_with_the_shipped_hostfile(data, tmp_path):
     assert len({r["rank"] for r in _pairs_log(tmp_path)}) == 2
 
 
+def test_bf16_run_casts_the_norms_buffers_too(data, tmp_path):
+    # DeepSpeed keeps buffers fp32 unless told: the norms' statistics then break bf16 convs
+    done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, train__precision="bf16",
+                              train__micro_batch_size=8), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_a_tracking_server_that_is_down_costs_a_warning_not_the_run(data, tmp_path):
     port = _port()  # nothing listens here
     done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, tracking__uri=f"http://127.0.0.1:{port}"),
