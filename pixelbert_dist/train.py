@@ -175,7 +175,6 @@ class Trainer:
             with timer.phase("optimizer"):
                 self.engine.step()
             self.micro_steps += 1
-            self.pairs += len(info.pairs)
             for key in LOSS_KEYS:  # .item() waits for the GPU: the step ends after it
                 self.window[key] += getattr(out, key).detach().item()
             timer.end_step(samples=len(info.pairs), images=batch.images.shape[0])
@@ -197,7 +196,7 @@ class Trainer:
 
     def _reset_window(self) -> None:
         self.window = {k: 0.0 for k in LOSS_KEYS}
-        self.micro_steps, self.pairs = 0, 0
+        self.micro_steps = 0
         self.window_start = time.perf_counter()
         self.timer.reset()
 
@@ -209,7 +208,7 @@ class Trainer:
         # Mean over the window and over ranks; pairs, skips and waiting summed over ranks.
         timing = self.timer.summary(reset=False)  # this rank's step-time breakdown, MFU, memory
         local = [self.window[k] / max(self.micro_steps, 1) for k in LOSS_KEYS] + \
-                [self.pairs, self.loader.skipped, timing.get("frac.data", 0.0)]
+                [self.timer.samples, self.loader.skipped, timing.get("frac.data", 0.0)]
         values = torch.tensor(local, dtype=torch.float64)
         torch.distributed.all_reduce(values)
         world = self.dist.world_size
