@@ -83,7 +83,10 @@ def make_plan(specs: list[SourceSpec], settings: JobSettings) -> Plan:
     shards = [records[i:i + settings.shard_size] for i in range(0, len(records), settings.shard_size)]
     digest = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode())
     for record in records:
-        digest.update(json.dumps([record.key, record.image, record.byte_range, record.captions]).encode())
+        fields = [record.key, record.image, record.byte_range, record.captions]
+        if record.targets is not None or record.image2 is not None:  # captioning plans hash as before
+            fields += [record.targets, record.image2]
+        digest.update(json.dumps(fields).encode())
     return Plan(shards, digest.hexdigest(), per_source, skips, examples)
 
 
@@ -112,20 +115,32 @@ def build_shard(index: int, records: list[Record], settings: ImageSettings, stor
     with tempfile.NamedTemporaryFile(dir=spool_dir(), suffix=".tar") as spool:
         writer = ShardWriter(spool)
         for record in records:
+            location = record.image
             try:
-                image = process_image(_read_image(record), settings)
+                image = process_image(_read_image(record.image, record.byte_range), settings)
+                image2 = None
+                if record.image2 is not None:  # a pair (NLVR2): either image bad skips the sample
+                    location = record.image2
+                    image2 = process_image(_read_image(record.image2, None), settings)
             except BadImage as bad:
                 skipped.setdefault(record.source, Counter())[bad.reason] += 1
                 if len(examples) < MAX_EXAMPLES:
-                    examples.append({"key": record.key, "image": record.image, "reason": bad.reason,
+                    examples.append({"key": record.key, "image": location, "reason": bad.reason,
                                      "detail": str(bad)})
-                log.warning("skipped %s (%s): %s", record.key, record.image, bad)
+                log.warning("skipped %s (%s): %s", record.key, location, bad)
                 continue
             meta = {"key": record.key, "source": record.source, "source_id": record.source_id,
                     "captions": list(record.captions), "width": image.width, "height": image.height,
                     "original_width": image.original_width, "original_height": image.original_height}
-            writer.write(record.key, {"jpg": image.jpeg, "txt": record.captions[0].encode("utf-8"),
-                                      "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+            members = {"jpg": image.jpeg, "txt": record.captions[0].encode("utf-8")}
+            if record.targets is not None:
+                meta["targets"] = list(record.targets)
+            if image2 is not None:
+                meta["width2"], meta["height2"] = image2.width, image2.height
+                members["right.jpg"] = image2.jpeg
+                reencoded += image2.reencoded
+            members["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+            writer.write(record.key, members)
             written[record.source] += 1
             captions[record.source] += len(record.captions)
             caption_counts.append(len(record.captions))
@@ -147,7 +162,7 @@ def build_shard(index: int, records: list[Record], settings: ImageSettings, stor
     return result
 
 
-def _read_image(record: Record) -> bytes:
+def _read_image(location: str, byte_range: tuple[int, int] | None) -> bytes:
     """The image's bytes; an absent or forbidden file is a skipped sample, not a failed task.
 
     Other errors (a network fault that outlived boto's retries) propagate: Ray retries the task.
@@ -155,15 +170,15 @@ def _read_image(record: Record) -> bytes:
     from botocore.exceptions import ClientError
 
     try:
-        return read_uri(record.image, record.byte_range)
+        return read_uri(location, byte_range)
     except (FileNotFoundError, StorageError):
-        raise BadImage("missing_file", f"{record.image} does not exist") from None
+        raise BadImage("missing_file", f"{location} does not exist") from None
     except IsADirectoryError:
-        raise BadImage("missing_file", f"{record.image} is a folder") from None
+        raise BadImage("missing_file", f"{location} is a folder") from None
     except PermissionError as err:
-        raise BadImage("read_error", f"{record.image}: {err}") from None
+        raise BadImage("read_error", f"{location}: {err}") from None
     except ClientError as err:
-        raise BadImage("read_error", f"{record.image}: {err.response.get('Error', {}).get('Code')}") from None
+        raise BadImage("read_error", f"{location}: {err.response.get('Error', {}).get('Code')}") from None
 
 
 # ---------------------------------------------------------------------------- the job

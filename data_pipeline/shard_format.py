@@ -1,6 +1,7 @@
 """The on-storage contract between the sharding job, `verify` and the training loader.
 
-    NNNNNN.tar          WebDataset shard: KEY.jpg, KEY.txt (first caption), KEY.json (metadata)
+    NNNNNN.tar          WebDataset shard: KEY.jpg, KEY.txt (first caption), KEY.json (metadata);
+                        image pairs (NLVR2) add KEY.right.jpg after KEY.jpg
     NNNNNN.idx          DALI index of the shard, the format of DALI's `wds2idx`
     NNNNNN_stats.json   written after the two above: the shard is complete when this matches
     _job.json           inputs fingerprint + settings, written before any shard
@@ -24,7 +25,9 @@ MANIFEST = "manifest.json"
 JOB = "_job.json"
 TAR_BLOCK = 512
 DALI_INDEX_VERSION = "v1.2"
-MEMBER_ORDER = ("jpg", "txt", "json")  # img2dataset's order
+# img2dataset's order; the image comes first (a sample's offset is its jpg's header), a pair's
+# right image next: its extension is "right.jpg" for WebDataset, DALI and wds2idx alike.
+MEMBER_ORDER = ("jpg", "right.jpg", "txt", "json")
 
 
 def shard_name(index: int) -> str:

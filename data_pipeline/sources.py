@@ -7,6 +7,22 @@ A source is named on the command line as `KIND:option=value,option=value`:
     manifest:path=pairs.parquet[,image_column=image][,caption_column=caption][,key_column=key]
     img2dataset:path=out_folder
 
+Downstream tasks, in each dataset's own file format (captions are the task's texts, and
+`targets` holds one label per text, aligned with it):
+
+    vqa:questions=v2_OpenEnded_mscoco_train2014_questions.json,annotations=v2_mscoco_train2014_annotations.json,images=train2014[,prefix=COCO_train2014_]
+    nlvr2:path=train.json,images=images/train
+    karpathy:path=dataset_coco.json,images=COCO_ROOT,split=train+restval
+
+`vqa`: one record per image, its questions as captions, targets `{"question_id", "answers"}`
+(the 10 raw annotator answers; [] without `annotations`, as for test-dev). Images are
+`{prefix}{image_id:012d}.jpg`; the prefix defaults to COCO's from the questions file's
+`data_subtype` (`test-dev2015` -> `COCO_test2015_`). `nlvr2`: one record per image pair,
+`image` the left (`-img0.png`), `image2` the right (`-img1.png`), inside the line's
+`directory` subfolder where it has one (train); targets `{"label": bool, "identifier"}`.
+`karpathy`: Karpathy's dataset_coco.json / dataset_flickr30k.json, the images of the
+`+`-joined splits, at images/filepath/filename; ids are `cocoid`, else `imgid`.
+
 Every kind also takes `name=` (the tag written into each sample; default the kind),
 `include=FILE` and `exclude=FILE` (image ids, one per line: the source's own ids, e.g.
 COCO image ids for the Karpathy train+restval split).
@@ -23,7 +39,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("coco", "vg", "manifest", "img2dataset")
+KINDS = ("coco", "vg", "manifest", "img2dataset", "vqa", "nlvr2", "karpathy")
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
 SAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 MAX_KEY_LENGTH = 90  # a tar member name (key + extension) must fit ustar's 100 bytes
 
@@ -34,13 +51,15 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One image and its captions, before the image is read."""
+    """One image (or image pair) and its texts, before the image is read."""
 
     source: str                    # the source's tag
     source_id: str                 # the image's id inside its source
-    image: str                     # path, file:// or s3:// URI
+    image: str                     # path, file:// or s3:// URI (NLVR2: the left image)
     captions: tuple[str, ...]
     byte_range: tuple[int, int] | None = None  # (offset, length) inside `image`, for tar members
+    targets: tuple | None = None   # task sources: one JSON-serialisable label per caption, aligned
+    image2: str | None = None      # a second image (NLVR2: the right one)
 
     @property
     def key(self) -> str:
@@ -111,7 +130,8 @@ def _load_json(path: str, what: str):
 
 def read_records(spec: SourceSpec) -> Iterator[Record]:
     """Records of one source, filtered by its include/exclude lists, in the source's order."""
-    reader = {"coco": _coco, "vg": _visual_genome, "manifest": _manifest, "img2dataset": _img2dataset}
+    reader = {"coco": _coco, "vg": _visual_genome, "manifest": _manifest, "img2dataset": _img2dataset,
+              "vqa": _vqa, "nlvr2": _nlvr2, "karpathy": _karpathy}
     for record in reader[spec.kind](spec):
         if spec.keeps(record.source_id):
             yield record
@@ -121,6 +141,13 @@ def _clean(captions) -> tuple[str, ...]:
     """Strip and de-duplicate (in order); non-strings and blanks are dropped here and counted later."""
     seen = dict.fromkeys(c.strip() for c in captions if isinstance(c, str) and c.strip())
     return tuple(seen)
+
+
+def _clean_aligned(texts, targets) -> tuple[tuple[str, ...], tuple]:
+    """Strip; a blank or non-string text is dropped with its target. No de-duplication: a task
+    may ask the same question twice, and each copy has its own id and answers."""
+    kept = [(t.strip(), target) for t, target in zip(texts, targets) if isinstance(t, str) and t.strip()]
+    return tuple(t for t, _ in kept), tuple(target for _, target in kept)
 
 
 def _coco(spec: SourceSpec) -> Iterator[Record]:
@@ -198,13 +225,8 @@ def _manifest_rows(spec: SourceSpec, path: str) -> Iterator[dict]:
         import pyarrow.parquet as pq
         yield from pq.read_table(io.BytesIO(raw)).to_pylist()
     elif suffix in (".jsonl", ".json"):
-        for number, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                spec.bad_records.append(f"{path}:{number}: {err}")
+        for _, row in _json_lines(spec, raw, path):
+            yield row
     elif suffix in (".csv", ".tsv"):
         text = raw.decode("utf-8", errors="surrogateescape")  # bad bytes surface per row below
         for number, row in enumerate(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","), start=2):
@@ -214,6 +236,17 @@ def _manifest_rows(spec: SourceSpec, path: str) -> Iterator[dict]:
             yield row
     else:
         raise SourceError(f"manifest {path}: unknown format {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+
+
+def _json_lines(spec: SourceSpec, raw: bytes, path: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each JSON line; a line that does not parse is a bad record."""
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            spec.bad_records.append(f"{path}:{number}: {err}")
 
 
 def _has_surrogates(text: str) -> bool:
@@ -266,3 +299,129 @@ def _img2dataset_tar(spec: SourceSpec, tar_path: Path) -> Iterator[Record]:
                     spec.bad_records.append(f"{tar_path}:{stem}.txt: caption not UTF-8")
             yield Record(spec.name, Path(stem).name, str(tar_path), _clean([caption]),
                          (image.offset_data, image.size))
+
+
+# ---------------------------------------------------------------------------- downstream tasks
+
+def _json_list(data, key: str, path: str, what: str) -> list:
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise SourceError(f"{what} {path}: expected a JSON object with a {key!r} list")
+    return data[key]
+
+
+def _vqa(spec: SourceSpec) -> Iterator[Record]:
+    """VQA v2: one record per image, its questions as captions, their answers as targets."""
+    questions_path, images = spec.require("questions", "images")
+    data = _load_json(questions_path, "VQA questions")
+    questions = _json_list(data, "questions", questions_path, "VQA questions")
+    prefix = spec.options["prefix"] if "prefix" in spec.options else _coco_prefix(data, questions_path)
+    answers = _vqa_answers(spec.options["annotations"]) if "annotations" in spec.options else None
+    by_image: dict[int, list[tuple[str, dict]]] = {}
+    for number, question in enumerate(questions):
+        try:
+            image_id, question_id, text = int(question["image_id"]), int(question["question_id"]), question["question"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise SourceError(f"VQA questions {questions_path}: question {number} lacks a valid "
+                              f"image_id, question_id or question ({type(err).__name__}: {err})") from None
+        if answers is not None and question_id not in answers:
+            raise SourceError(f"VQA annotations {spec.options['annotations']}: no answers for question_id "
+                              f"{question_id} of {questions_path} (annotations of another split?)")
+        target = {"question_id": question_id, "answers": answers[question_id] if answers is not None else []}
+        by_image.setdefault(image_id, []).append((text, target))
+    root = Path(images)
+    for image_id, items in by_image.items():
+        captions, targets = _clean_aligned([t for t, _ in items], [a for _, a in items])
+        yield Record(spec.name, str(image_id), str(root / f"{prefix}{image_id:012d}.jpg"), captions, targets=targets)
+
+
+def _coco_prefix(data: dict, path: str) -> str:
+    """COCO's file-name prefix from a VQA file's data_subtype: test-dev2015 images are test2015's."""
+    subtype, data_type = data.get("data_subtype"), data.get("data_type", "mscoco")
+    if not isinstance(subtype, str) or not subtype or data_type != "mscoco":
+        raise SourceError(f"VQA questions {path}: no mscoco data_subtype to name the image files by; "
+                          f"give prefix= (e.g. prefix=COCO_train2014_)")
+    if subtype.startswith("test-dev"):
+        subtype = "test" + subtype[len("test-dev"):]
+    return f"COCO_{subtype}_"
+
+
+def _vqa_answers(path: str) -> dict[int, list[str]]:
+    """question_id -> the raw annotator answers, in annotator order."""
+    annotations = _json_list(_load_json(path, "VQA annotations"), "annotations", path, "VQA annotations")
+    answers = {}
+    for number, annotation in enumerate(annotations):
+        try:
+            texts = [a["answer"] for a in annotation["answers"]]
+            question_id = int(annotation["question_id"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SourceError(f"VQA annotations {path}: annotation {number} lacks a valid question_id or "
+                              f"answers[].answer ({type(err).__name__}: {err})") from None
+        if not all(isinstance(t, str) for t in texts):
+            raise SourceError(f"VQA annotations {path}: annotation {number} has a non-string answer")
+        answers[question_id] = texts
+    return answers
+
+
+def _nlvr2(spec: SourceSpec) -> Iterator[Record]:
+    """NLVR2 JSON lines: one record per image pair, its sentences as captions, labels as targets."""
+    path, images = spec.require("path", "images")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise SourceError(f"NLVR2 {path}: {err}") from None
+    if raw.lstrip().startswith(b"["):
+        raise SourceError(f"NLVR2 {path}: a JSON array; expected JSON lines as in the nlvr2 repository's data/")
+    pairs: dict[str, list] = {}  # pair id -> [directory, [(sentence, target), ...]]
+    for number, row in _json_lines(spec, raw, path):
+        parsed = _nlvr2_row(row)
+        if isinstance(parsed, str):
+            spec.bad_records.append(f"{path}:{number}: {parsed}")
+            continue
+        pair, directory, sentence, target = parsed
+        pairs.setdefault(pair, [directory, []])[1].append((sentence, target))
+    root = Path(images)
+    for pair, (directory, items) in pairs.items():
+        folder = root / directory if directory is not None else root
+        captions, targets = _clean_aligned([s for s, _ in items], [t for _, t in items])
+        yield Record(spec.name, pair, str(folder / f"{pair}-img0.png"), captions, targets=targets,
+                     image2=str(folder / f"{pair}-img1.png"))
+
+
+def _nlvr2_row(row) -> tuple[str, str | None, str, dict] | str:
+    """(pair id, image subfolder, sentence, target), or what is wrong with the line."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    identifier, label = row.get("identifier"), row.get("label")
+    if not isinstance(identifier, str) or identifier.count("-") < 3:
+        return f"identifier {identifier!r} is not split-set-pair-sentence"
+    if label in ("True", "true", True):
+        label = True
+    elif label in ("False", "false", False):
+        label = False
+    else:
+        return f"label {label!r} is not True or False"
+    directory = row.get("directory")
+    return (identifier.rsplit("-", 1)[0], None if directory in (None, "") else str(directory),
+            row.get("sentence"), {"label": label, "identifier": identifier})
+
+
+def _karpathy(spec: SourceSpec) -> Iterator[Record]:
+    """Karpathy's split files: the images of the chosen splits with their sentences."""
+    path, images, split = spec.require("path", "images", "split")
+    splits = set(split.split("+"))
+    if not splits <= set(KARPATHY_SPLITS):
+        raise SourceError(f"source {spec.name}: split {split!r}: each of its +-joined parts must be one of "
+                          f"{', '.join(KARPATHY_SPLITS)}")
+    entries = _json_list(_load_json(path, "Karpathy split"), "images", path, "Karpathy split")
+    root = Path(images)
+    for number, entry in enumerate(entries):
+        try:
+            image_id = entry["cocoid"] if "cocoid" in entry else entry["imgid"]
+            location = root / entry.get("filepath", "") / entry["filename"]
+            in_split = entry["split"] in splits
+            captions = _clean(s.get("raw") for s in entry["sentences"])
+        except (KeyError, TypeError, AttributeError) as err:
+            raise SourceError(f"Karpathy split {path}: image {number} lacks a valid cocoid/imgid, filename, "
+                              f"split or sentences[].raw ({type(err).__name__}: {err})") from None
+        if in_split:
+            yield Record(spec.name, str(image_id), str(location), captions)

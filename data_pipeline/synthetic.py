@@ -82,7 +82,29 @@ def _place(rng: random.Random, region: tuple[int, int, int, int], size: int, cou
     return boxes
 
 
+@dataclass(frozen=True)
+class Scene:
+    """One image and what is in it: group `a` sits on `side` of the image, `b` opposite."""
+
+    image: Image.Image
+    a: Group
+    b: Group
+    relation: str  # a's relation to b, a key of RELATIONS
+
+    @property
+    def sides(self) -> tuple[str, str]:
+        """Where a and b are: left/right/top/bottom."""
+        inverse, side = RELATIONS[self.relation]
+        return side, RELATIONS[inverse][1]
+
+
 def make_image(rng: random.Random, min_side: int, max_side: int) -> tuple[Image.Image, list[str]]:
+    scene = make_scene(rng, min_side, max_side)
+    return scene.image, captions_for(scene.a, scene.b, scene.relation)
+
+
+def make_scene(rng: random.Random, min_side: int, max_side: int) -> Scene:
+    """Two groups of shapes on either side of a canvas of random size; `rng` is the only randomness."""
     while True:
         width, height = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
         a = Group(rng.randint(1, 3), rng.choice(list(COLORS)), rng.choice(SHAPES))
@@ -107,7 +129,7 @@ def make_image(rng: random.Random, min_side: int, max_side: int) -> tuple[Image.
         for group, boxes in ((a, boxes_a), (b, boxes_b)):
             for box in boxes:
                 _draw_shape(draw, group.shape, box, COLORS[group.color])
-        return image, captions_for(a, b, relation)
+        return Scene(image, a, b, relation)
 
 
 def generate(out: str | Path, num_images: int, seed: int, min_side: int = 192, max_side: int = 448) -> Path:

@@ -4,7 +4,7 @@
     python -m data_pipeline.verify s3://bucket/coco-vg
 
 Per shard: present, size, sha256, sample count, keys and byte offsets, the DALI index, and
-that every image decodes. Shards are read as streams, several at a time.
+that every image (a pair's right one too) decodes. Shards are read as streams, several at a time.
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def check_shard(storage: Storage, shard: dict) -> list[str]:
             reader = _HashingReader(raw)
             for entry, members in read_samples(io.BufferedReader(reader, 1 << 20)):
                 entries.append(entry)
-                try:
-                    with Image.open(io.BytesIO(members.get("jpg", b""))) as image:
-                        image.load()
-                except Exception as err:  # any decoder failure is a finding, not a crash
-                    problems.append(f"{name}: image of {entry.key} does not decode: {err}")
+                for ext in ("jpg", "right.jpg") if "right.jpg" in members else ("jpg",):
+                    try:
+                        with Image.open(io.BytesIO(members.get(ext, b""))) as image:
+                            image.load()
+                    except Exception as err:  # any decoder failure is a finding, not a crash
+                        problems.append(f"{name}: image {entry.key}.{ext} does not decode: {err}")
             while reader.read(1 << 20):  # the tar's end padding counts in its hash
                 pass
     except Exception as err:

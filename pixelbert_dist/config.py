@@ -91,6 +91,8 @@ class ModelConfig:
 class DataConfig:
     train_manifest: str = ""
     """Folder or s3:// URL of the training shards' manifest.json."""
+    eval_manifest: str = ""
+    """Held-out shards: zero-shot retrieval in pre-training, the task's evaluation in fine-tuning."""
     tokenizer: str = "bert-base-uncased"
     """WordPiece vocab: hub name, folder with vocab.txt, or a vocab.txt path."""
     max_text_len: int = 40
@@ -184,6 +186,10 @@ class TrainConfig:
     """Optimizer steps between metric logs."""
     log_pairs_to: str = ""
     """Folder where each rank appends the (shard, pair) of every batch it trains on (audits, tests)."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations on data.eval_manifest (0: at the end only, if it is set)."""
+    eval_images: int = 100
+    """Pre-training: images of data.eval_manifest (with all their captions) in the zero-shot retrieval."""
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
@@ -193,6 +199,8 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _require(self.log_every > 0, f"train.log_every must be positive, got {self.log_every}")
+        _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _require(self.eval_images > 1, f"train.eval_images must be > 1, got {self.eval_images}")
 
 
 @dataclass
@@ -258,6 +266,38 @@ class PretrainConfig:
         """`{"model.hidden_size": 768, ...}`: one entry per leaf, for MLflow params."""
         return {f"{section}.{key}": value
                 for section, values in self.to_dict().items() for key, value in values.items()}
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["vqa", "nlvr2", "retrieval"] = "vqa"
+    """Downstream task: VQA 2.0, NLVR2, or image-text retrieval (Flickr30K / COCO)."""
+    init: str = ""
+    """Pre-trained weights: a checkpoint folder (checkpoints/stepN) or an export; empty: from scratch."""
+    answer_vocab: str = ""
+    """VQA: JSON list of the answers to classify over (python -m data_pipeline.answers makes it)."""
+    negatives: int = 20
+    """Retrieval: other captions scored against each image's true caption in training."""
+    hard_negatives: int = 5
+    """Retrieval: the highest-scoring negatives that give gradients."""
+    freeze_cnn: bool = False
+    """Keep the CNN's weights and norm statistics as pre-trained (the paper does for retrieval)."""
+    eval_batch_size: int = 64
+    """Text sequences per forward pass in evaluation."""
+    predictions: str = ""
+    """VQA: write [{question_id, answer}] here (the format of the evaluation server)."""
+
+    def __post_init__(self) -> None:
+        _require(self.negatives >= 1, f"task.negatives must be >= 1, got {self.negatives}")
+        _require(1 <= self.hard_negatives <= self.negatives,
+                 f"task.hard_negatives must be in [1, task.negatives={self.negatives}], got {self.hard_negatives}")
+        _require(self.eval_batch_size > 0, f"task.eval_batch_size must be positive, got {self.eval_batch_size}")
+
+
+@dataclass
+class FinetuneConfig(PretrainConfig):
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The downstream task, its head and where it starts from."""
 
 
 # ---------------------------------------------------------------------------- loading
@@ -368,14 +408,14 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
 # ---------------------------------------------------------------------------- help
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring line under each field of a dataclass, read from its source."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
+    """The docstring line under each field of a dataclass (and its dataclass bases), from source."""
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
-            docs[node.target.id] = str(nxt.value.value).strip()
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+                docs[node.target.id] = str(nxt.value.value).strip()
     return docs
 
 

@@ -67,7 +67,16 @@ def all_agree(flag: bool) -> bool:
     return bool(value.item())
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the group; (0, 1) without one (evaluation in a plain process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def gather_objects(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out

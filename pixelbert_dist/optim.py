@@ -43,7 +43,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         if not param.requires_grad or id(param) in seen:  # tied weights appear once
             continue
         seen.add(id(param))
-        algorithm = "sgd" if name.startswith(("visual.cnn.", "visual.proj.")) else "adamw"
+        # by module path, so a task model's `body.visual.cnn.*` counts as CNN too
+        algorithm = "sgd" if any(part in f".{name}" for part in (".visual.cnn.", ".visual.proj.")) else "adamw"
         groups[(algorithm, param.ndim > 1)]["params"].append(param)
     return [g for g in groups.values() if g["params"]]
 

@@ -20,13 +20,15 @@ import sys
 
 from data_pipeline.storage import StorageError
 from pixelbert_dist import distributed
-from pixelbert_dist.config import ConfigError, load_config
+from pixelbert_dist.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m pixelbert_dist.pretrain", description=__doc__,
+def parse_args(argv: list[str], job: str = "pretrain") -> tuple[argparse.Namespace, list[str]]:
+    module = sys.modules[f"pixelbert_dist.{job}"] if f"pixelbert_dist.{job}" in sys.modules else None
+    parser = argparse.ArgumentParser(prog=f"python -m pixelbert_dist.{job}",
+                                     description=module.__doc__ if module else __doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run config (configs/pretrain/*.yaml)")
+    parser.add_argument("--config", required=True, help=f"YAML run config (configs/{job}/*.yaml)")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
     parser.add_argument("--launcher", choices=["env", "ray"], default="env",
                         help="env: torchrun/deepspeed/single process; ray: Ray Train workers")
@@ -37,33 +39,39 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, job: str = "pretrain") -> int:
+    """`job`: "pretrain", or "finetune" (pixelbert_dist.finetune: the same recipe for a task)."""
     argv = sys.argv[1:] if argv is None else argv
-    args, _ = parse_args(argv)
+    args, _ = parse_args(argv, job)
     if args.launcher == "ray":
         from pixelbert_dist import ray_launcher
         passthrough = _without(argv, ("--launcher", "--num-workers", "--max-failures", "--resume"))
         # under Ray every (re)start resumes: a restarted group continues from the last checkpoint
-        return ray_launcher.launch(passthrough, args.num_workers, args.max_failures, args.resume or "auto")
-    return run(argv, resume=args.resume)
+        return ray_launcher.launch(passthrough, args.num_workers, args.max_failures, args.resume or "auto", job)
+    return run(argv, resume=args.resume, job=job)
 
 
-def run(argv: list[str], resume: str | None) -> int:
+def run(argv: list[str], resume: str | None, job: str = "pretrain") -> int:
     """Configure, join the group (or wrap the launcher's), train; the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args, overrides = parse_args(argv)
+    args, overrides = parse_args(argv, job)
+    schema = FinetuneConfig if job == "finetune" else PretrainConfig
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, schema=schema)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     info = distributed.init()
-    from pixelbert_dist.train import Trainer  # after init: DeepSpeed reads DS_ACCELERATOR on import
+    # after init: DeepSpeed reads DS_ACCELERATOR on import
+    if job == "finetune":
+        from pixelbert_dist.finetune import TaskTrainer as trainer_class
+    else:
+        from pixelbert_dist.train import Trainer as trainer_class
 
     try:
-        trainer = Trainer(cfg, info, resume=resume)
+        trainer = trainer_class(cfg, info, resume=resume)
     except (ConfigError, StorageError, FileNotFoundError, ValueError) as err:
-        logging.getLogger("pixelbert_dist.pretrain").error("%s", err)
+        logging.getLogger(f"pixelbert_dist.{job}").error("%s", err)
         return 2
     metrics = trainer.train()
     if info.is_main:

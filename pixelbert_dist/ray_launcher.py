@@ -17,12 +17,12 @@ def _worker(config: dict) -> None:
     os.environ["PIXELBERT_LAUNCHER"] = "ray"
     from pixelbert_dist.pretrain import run
 
-    code = run(config["argv"], resume=config["resume"])
+    code = run(config["argv"], resume=config["resume"], job=config["job"])
     if code != 0:
-        raise RuntimeError(f"pre-training exited with code {code}")
+        raise RuntimeError(f"{config['job']} exited with code {code}")
 
 
-def launch(argv: list[str], num_workers: int, max_failures: int, resume: str) -> int:
+def launch(argv: list[str], num_workers: int, max_failures: int, resume: str, job: str = "pretrain") -> int:
     import ray
     import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -33,9 +33,9 @@ def launch(argv: list[str], num_workers: int, max_failures: int, resume: str) ->
     storage = os.path.abspath(os.environ.get("PIXELBERT_RAY_STORAGE", "ray_results"))
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"argv": argv, "resume": resume},
+        train_loop_config={"argv": argv, "resume": resume, "job": job},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=torch.cuda.is_available()),
-        run_config=RunConfig(name="pixelbert-pretrain", storage_path=storage,
+        run_config=RunConfig(name=f"pixelbert-{job}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()

@@ -20,7 +20,9 @@ import torch
 from data_pipeline.storage import open_storage
 from pixelbert_dist import checkpoint, distributed
 from pixelbert_dist.config import ConfigError, PretrainConfig
+from pixelbert_dist.data.batch import BatchBuilder
 from pixelbert_dist.data.loader import StreamingLoader, merge_states
+from pixelbert_dist.data.plan import Manifest
 from pixelbert_dist.distributed import DistInfo
 from pixelbert_dist.engine import build_engine, deepspeed_config
 from pixelbert_dist.flops import training_flops_per_sample
@@ -31,10 +33,13 @@ from pixelbert_dist.tokenizer import load_tokenizer
 from pixelbert_dist.tracking import Tracker, flatten, run_tags
 
 log = logging.getLogger("pixelbert_dist.train")
-LOSS_KEYS = ("loss", "mlm_loss", "itm_loss", "mlm_accuracy", "itm_accuracy")
 
 
 class Trainer:
+    """Pre-training; `finetune.TaskTrainer` swaps the model, batches and evaluation."""
+
+    OUTPUT_KEYS = ("loss", "mlm_loss", "itm_loss", "mlm_accuracy", "itm_accuracy")  # logged model outputs
+
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo, resume: str | None = None) -> None:
         self.cfg, self.dist = cfg, dist_info
         torch.manual_seed(cfg.train.seed)
@@ -43,13 +48,18 @@ class Trainer:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = len(tokenizer)
+        self.tokenizer = tokenizer
+        self.prepare()  # a fine-tuning task reads its pre-trained config and answers here
         if len(tokenizer) != cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer "
                               f"{cfg.data.tokenizer} has {len(tokenizer)} entries")
         self.loader = StreamingLoader(cfg.data.train_manifest, cfg.data, cfg.train.micro_batch_size,
                                       dist_info.rank, dist_info.world_size, cfg.train.seed,
-                                      cfg.data.num_workers, cfg.data.open_shards)
+                                      cfg.data.num_workers, cfg.data.open_shards, self.batch_builder())
         self.loader.manifest.check_shards_present()
+        self._eval_pairs = None
+        if cfg.data.eval_manifest:  # a missing held-out set: an error now, not at the first evaluation
+            Manifest(cfg.data.eval_manifest).check_shards_present()
 
         ds_config = deepspeed_config(cfg, dist_info.world_size)
         self.accumulation = ds_config["gradient_accumulation_steps"]
@@ -66,7 +76,7 @@ class Trainer:
         client = checkpoint.read_client_state(*found) if found else None
         elastic = client is not None and client["world_size"] != dist_info.world_size
 
-        model = PixelBert(cfg.model)
+        model = self.build_model(pretrained=found is None)
         if elastic:
             checkpoint.load_weights_only(model, *found)
         if cfg.train.activation_checkpointing:
@@ -80,8 +90,7 @@ class Trainer:
                 log.warning("resuming %d ranks' checkpoint on %d: weights, schedule and data position are "
                             "restored; optimizer moments restart", client["world_size"], dist_info.world_size)
         # MFU's numerator: counted once, at the configured image size (landscape, unpadded)
-        flops = training_flops_per_sample(model, (cfg.data.image_short_side, cfg.data.image_long_side),
-                                          cfg.data.max_text_len, dist_info.device)
+        flops = self.flops_per_sample(model)
         self.timer = StepTimer(flops, device_peak(cfg.train.precision).flops, dist_info.world_size,
                                device=dist_info.device)
         self.engine = build_engine(model, optimizer, scheduler, ds_config)
@@ -102,6 +111,44 @@ class Trainer:
         if cfg.train.log_pairs_to:
             Path(cfg.train.log_pairs_to).mkdir(parents=True, exist_ok=True)
             self._pairs_log = open(Path(cfg.train.log_pairs_to) / f"rank{dist_info.rank}.jsonl", "a")
+
+    # ------------------------------------------------------------------ what pre-training is
+
+    def prepare(self) -> None:
+        """Settle the config before anything is built (nothing to do in pre-training)."""
+
+    def batch_builder(self):
+        return BatchBuilder
+
+    def build_model(self, pretrained: bool) -> torch.nn.Module:
+        """The model; `pretrained` is False when a checkpoint of this run will overwrite it."""
+        return PixelBert(self.cfg.model)
+
+    def flops_per_sample(self, model: torch.nn.Module) -> float:
+        # MFU's numerator: counted once, at the configured image size (landscape, unpadded)
+        data = self.cfg.data
+        return training_flops_per_sample(model, (data.image_short_side, data.image_long_side),
+                                         data.max_text_len, self.dist.device)
+
+    def evaluate(self) -> dict[str, float]:
+        """Zero-shot retrieval on held-out images, scored by the ITM head: a quality signal."""
+        from pixelbert_dist import evaluate
+
+        if self._eval_pairs is None:
+            self._eval_pairs = evaluate.read_pairs(self.cfg.data.eval_manifest, self.cfg.train.eval_images)
+        model = self.engine.module
+        model.eval()
+        try:
+            metrics = evaluate.retrieval(model.visual, _itm_scorer(model), self._eval_pairs, self.tokenizer,
+                                         self.cfg.data, self.dist.device, self.dtype, batch_size=64)
+        finally:
+            model.train()
+        metrics = {f"zeroshot.{k}": v for k, v in metrics.items()}
+        self.tracker.metrics(metrics, self.step)
+        if self.dist.is_main:
+            log.info("step %d zero-shot retrieval on %d images: %s", self.step, int(metrics["zeroshot.images"]),
+                     " ".join(f"{k.split('.')[1]} {v:.1f}" for k, v in metrics.items() if "_r" in k))
+        return metrics
 
     # ------------------------------------------------------------------ resume
 
@@ -152,6 +199,9 @@ class Trainer:
                 self.loader.next_epoch()
         if self.step % self.cfg.checkpoint.every_steps != 0:
             self.save()
+        if self.cfg.data.eval_manifest and not (self.cfg.train.eval_every and
+                                                self.step % self.cfg.train.eval_every == 0):
+            self.evaluate()
         if self._pairs_log is not None:
             self._pairs_log.close()
         self.tracker.end()
@@ -175,7 +225,7 @@ class Trainer:
             with timer.phase("optimizer"):
                 self.engine.step()
             self.micro_steps += 1
-            for key in LOSS_KEYS:  # .item() waits for the GPU: the step ends after it
+            for key in self.OUTPUT_KEYS:  # .item() waits for the GPU: the step ends after it
                 self.window[key] += getattr(out, key).detach().item()
             timer.end_step(samples=len(info.pairs), images=batch.images.shape[0])
             if self._pairs_log is not None:
@@ -191,11 +241,13 @@ class Trainer:
         if self.step % self.cfg.train.log_every == 0 or self._done():
             self.last_metrics = self._log(time.perf_counter() - self.window_start)
             self._reset_window()
+        if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+            self.evaluate()
         if self.step % self.cfg.checkpoint.every_steps == 0:
             self.save()
 
     def _reset_window(self) -> None:
-        self.window = {k: 0.0 for k in LOSS_KEYS}
+        self.window = {k: 0.0 for k in self.OUTPUT_KEYS}
         self.micro_steps = 0
         self.window_start = time.perf_counter()
         self.timer.reset()
@@ -207,15 +259,16 @@ class Trainer:
     def _log(self, elapsed: float) -> dict:
         # Mean over the window and over ranks; pairs, skips and waiting summed over ranks.
         timing = self.timer.summary(reset=False)  # this rank's step-time breakdown, MFU, memory
-        local = [self.window[k] / max(self.micro_steps, 1) for k in LOSS_KEYS] + \
+        keys = self.OUTPUT_KEYS
+        local = [self.window[k] / max(self.micro_steps, 1) for k in keys] + \
                 [self.timer.samples, self.loader.skipped, timing.get("frac.data", 0.0)]
         values = torch.tensor(local, dtype=torch.float64)
         torch.distributed.all_reduce(values)
         world = self.dist.world_size
-        metrics = {k: values[i].item() / world for i, k in enumerate(LOSS_KEYS)}
-        metrics["samples_per_s"] = values[len(LOSS_KEYS)].item() / max(elapsed, 1e-9)
-        metrics["skipped_samples"] = values[len(LOSS_KEYS) + 1].item()
-        metrics["data_wait_fraction"] = values[len(LOSS_KEYS) + 2].item() / world
+        metrics = {k: values[i].item() / world for i, k in enumerate(keys)}
+        metrics["samples_per_s"] = values[len(keys)].item() / max(elapsed, 1e-9)
+        metrics["skipped_samples"] = values[len(keys) + 1].item()
+        metrics["data_wait_fraction"] = values[len(keys) + 2].item() / world
         metrics["epoch"] = self.loader.epoch
         for group in self.engine.optimizer.param_groups:
             if "name" in group:
@@ -224,10 +277,19 @@ class Trainer:
                         ("step_time_s", "images_per_s", "mfu", "tflops_per_device", "memory_peak_gib")})
         self.tracker.metrics(metrics, self.step)
         if self.dist.is_main:
-            log.info("step %d epoch %d loss %.4f itm_acc %.3f mlm_acc %.3f %.1f pairs/s wait %.1f%%",
-                     self.step, self.loader.epoch, metrics["loss"], metrics["itm_accuracy"],
-                     metrics["mlm_accuracy"], metrics["samples_per_s"], 100 * metrics["data_wait_fraction"])
+            log.info("step %d epoch %d %s %.1f pairs/s wait %.1f%%", self.step, self.loader.epoch,
+                     " ".join(f"{k} {metrics[k]:.4f}" for k in keys), metrics["samples_per_s"],
+                     100 * metrics["data_wait_fraction"])
         return metrics
+
+
+def _itm_scorer(model: PixelBert):
+    """Match score of the ITM head: log-odds of "matches", i.e. logit(yes) - logit(no)."""
+    def score(input_ids, attention_mask, visual, visual_mask):
+        logits = model.cls.seq_relationship(model.bert.pooler(model.encode(input_ids, attention_mask,
+                                                                            visual, visual_mask)))
+        return logits[:, 1] - logits[:, 0]
+    return score
 
 
 def _tuple_state(state):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pixelbert_dist import config as config_module
-from pixelbert_dist.config import ConfigError, PretrainConfig, field_docs, load_config
+from pixelbert_dist.config import ConfigError, FinetuneConfig, PretrainConfig, field_docs, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
@@ -19,7 +19,7 @@ def test_ships_the_three_pretrain_configs():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_loads_and_points_at_real_files(path):
-    cfg = load_config(path)
+    cfg = load_config(path, schema=FinetuneConfig if path.parent.name == "finetune" else PretrainConfig)
     deepspeed_json = REPO / cfg.deepspeed.config
     assert deepspeed_json.is_file(), f"{path} names a missing DeepSpeed config {deepspeed_json}"
     assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0

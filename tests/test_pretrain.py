@@ -84,9 +84,15 @@ def _metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage):
-    done = _torchrun(2, _argv(data, tmp_path, deepspeed__zero_stage=stage, train__max_steps=8), tmp_path)
+    # zero-shot retrieval on held-out images every 4 steps (here: 6 images of the training set),
+    # split over the ranks; under ZeRO-3 every forward gathers parameters from both
+    done = _torchrun(2, _argv(data, tmp_path, deepspeed__zero_stage=stage, train__max_steps=8,
+                              data__eval_manifest=data[0], train__eval_every=4, train__eval_images=6), tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = _metrics(tmp_path / "mlruns.db")
+    assert [s for s, _ in metrics["zeroshot.text_r1"]] == [4, 8]
+    assert [v for _, v in metrics["zeroshot.images"]] == [6, 6]
+    assert all(0 <= v <= 100 for key in ("zeroshot.text_r1", "zeroshot.image_r10") for _, v in metrics[key])
     for key in ("loss", "mlm_loss", "itm_loss", "mlm_accuracy", "itm_accuracy", "lr.cnn", "lr.transformer",
                 "samples_per_s", "data_wait_fraction", "skipped_samples", "memory_peak_gib", "mfu",
                 "time.forward_s", "time.backward_s", "time.optimizer_s", "frac.data", "images_per_s"):

@@ -50,6 +50,8 @@ class BatchBuilder:
     taken on matching pairs only (a mismatched caption cannot be predicted from the image).
     """
 
+    gpu_decode = True  # one image per pair: the loader may hand the encoded images to DALI
+
     def __init__(self, tokenizer, cfg: DataConfig) -> None:
         self.tokenizer, self.cfg = tokenizer, cfg
         self.special = special_tokens(tokenizer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +58,7 @@ class _PairBatches(IterableDataset):
         tag = f"{self.plan_tag}-{global_worker}"
         order = interleave_order(loader.manifest, segments, loader.open_shards, random.Random(tag))
         skip = _consumed_prefix(segments, order, loader.consumed)
-        builder = BatchBuilder(load_tokenizer(loader.cfg.tokenizer), loader.cfg)
+        builder = loader.make_builder(load_tokenizer(loader.cfg.tokenizer), loader.cfg)
         pairs, images, consumed, skipped = [], [], [], 0
         for pair in interleave(loader.manifest, segments, order, skip):
             consumed.append((pair.shard, pair.index))
@@ -102,12 +102,17 @@ class StreamingLoader:
     """Batches of one rank, epoch by epoch, with an exact, mergeable position."""
 
     def __init__(self, manifest_url: str, cfg: DataConfig, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, num_workers: int = 0, open_shards: int = 4) -> None:
+                 world_size: int = 1, seed: int = 0, num_workers: int = 0, open_shards: int = 4,
+                 make_builder: Callable = BatchBuilder) -> None:
+        """`make_builder(tokenizer, cfg)` turns pairs into batches: pre-training's by default,
+        a fine-tuning task's builder (data/task_batch.py) otherwise."""
         self.manifest_url, self.cfg, self.batch_size = manifest_url, cfg, batch_size
+        self.make_builder = make_builder
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers, self.open_shards = num_workers, open_shards
         self.manifest = Manifest(manifest_url, cfg.captions_per_image)
-        self.decoder = resolve_decoder(cfg.decoder)
+        # DALI decodes one image per pair; builders that need more (NLVR2) decode on the CPU
+        self.decoder = resolve_decoder(cfg.decoder) if getattr(make_builder, "gpu_decode", False) else "cpu"
         self._dali = None  # made in the training process on first use: it owns GPU memory
         self.epoch = 0
         self.consumed: dict[str, list[list[int]]] = {}

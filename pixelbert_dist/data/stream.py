@@ -24,6 +24,8 @@ class Pair:
     key: str        # the image's sample key
     jpeg: bytes
     caption: str
+    target: object = None        # the caption's task label (VQA answers, NLVR2 truth), if any
+    jpeg2: bytes | None = None   # a second image (NLVR2's right one), if any
 
 
 def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
@@ -36,13 +38,14 @@ def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
         while pair < segment.end:
             counts = manifest.window_counts(segment.shard, first_sample)
             window = [next(samples) for _ in counts]
-            decoded = [(entry.key, members.get("jpg", b""), json.loads(members["json"])["captions"])
-                       for entry, members in window]
+            decoded = [(entry.key, members, json.loads(members["json"])) for entry, members in window]
             for sample, caption in round_robin(counts, manifest.group)[position:]:
                 if pair >= segment.end:
                     return
-                key, jpeg, captions = decoded[sample]
-                yield Pair(segment.shard, pair, key, jpeg, captions[caption])
+                key, members, meta = decoded[sample]
+                targets = meta.get("targets")
+                yield Pair(segment.shard, pair, key, members.get("jpg", b""), meta["captions"][caption],
+                           None if targets is None else targets[caption], members.get("right.jpg"))
                 pair += 1
             first_sample, position = first_sample + len(counts), 0
 

@@ -1,0 +1,207 @@
+"""Evaluation of the downstream tasks, split over ranks: VQA accuracy, NLVR2 accuracy, Recall@K.
+
+    pairs = read_pairs("s3://bucket/vqa-val")              # every (image, text, target)
+    vqa(model, builder, pairs, device, dtype, batch_size)  # {"vqa_accuracy": ..}, predictions
+    retrieval(model, pairs, tokenizer, data_cfg, device, dtype, batch_size)  # recalls, timing
+
+Every rank runs the same number of forward passes (a short rank repeats its last batch and
+drops the result): under ZeRO-3 each forward gathers parameters collectively, and a rank
+that stopped early would leave the others waiting.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from data_pipeline.answers import normalize_answer
+from pixelbert_dist import distributed
+from pixelbert_dist.config import DataConfig
+from pixelbert_dist.data.batch import decode_resize
+from pixelbert_dist.data.plan import Manifest, Segment
+from pixelbert_dist.data.stream import Pair, read_segment
+from pixelbert_dist.model import pad_images
+from pixelbert_dist.tokenizer import encode_captions
+
+RECALL_AT = (1, 5, 10)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def vqa_accuracy(predicted: str, answers: list[str]) -> float:
+    """The official VQA accuracy of one answer: min(#humans that gave it / 3, 1), averaged over
+    the ten leave-one-annotator-out subsets, on normalised answers."""
+    if not answers:
+        raise ValueError("vqa_accuracy needs the annotators' answers")
+    guess = normalize_answer(predicted)
+    truth = [normalize_answer(a) for a in answers]
+    per_subset = [min(1.0, sum(a == guess for a in truth[:i] + truth[i + 1:]) / 3.0) for i in range(len(truth))]
+    return sum(per_subset) / len(per_subset)
+
+
+def recall_at_k(scores: Tensor, caption_image: Tensor, ks: tuple[int, ...] = RECALL_AT) -> dict[str, float]:
+    """Recall@K in percent from a (images x captions) score matrix.
+
+    text_r@K: images whose best-ranked true caption is among their top K captions;
+    image_r@K: captions whose image is among their top K images.
+    """
+    images = torch.arange(scores.shape[0]).unsqueeze(1)
+    text_hits = caption_image[scores.argsort(dim=1, descending=True)] == images       # (N, M)
+    text_rank = text_hits.float().argmax(dim=1)
+    image_hits = scores.argsort(dim=0, descending=True) == caption_image.unsqueeze(0)  # (N, M)
+    image_rank = image_hits.float().argmax(dim=0)
+    out = {}
+    for k in ks:
+        out[f"text_r{k}"] = 100.0 * (text_rank < k).float().mean().item()
+        out[f"image_r{k}"] = 100.0 * (image_rank < k).float().mean().item()
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+# ---------------------------------------------------------------------------- data
+
+def read_pairs(manifest_url: str, max_images: int = 0) -> list[Pair]:
+    """Every pair of a (held-out) dataset, shard by shard; the first `max_images` images if > 0."""
+    manifest = Manifest(manifest_url)
+    pairs: list[Pair] = []
+    images: set[str] = set()
+    for shard in manifest.order:
+        for pair in read_segment(manifest, Segment(shard, 0, manifest.num_pairs(shard))):
+            if max_images and pair.key not in images and len(images) == max_images:
+                continue
+            images.add(pair.key)
+            pairs.append(pair)
+        if max_images and len(images) == max_images:
+            break
+    if not pairs:
+        raise ValueError(f"{manifest_url} holds no pairs to evaluate on")
+    return pairs
+
+
+def _even_chunks(items: list, size: int, rank: int, world: int) -> Iterator[tuple[list, bool]]:
+    """This rank's share in batches of `size`; every rank yields the same number of batches,
+    padding ones (True: drop the result) repeating the last real batch."""
+    share = math.ceil(len(items) / world)
+    mine = items[rank * share:(rank + 1) * share]
+    batches = [mine[i:i + size] for i in range(0, len(mine), size)]
+    for i in range(math.ceil(share / size)):
+        if i < len(batches):
+            yield batches[i], False
+        else:
+            yield (batches[-1] if batches else items[:size]), True
+
+
+# ---------------------------------------------------------------------------- classification tasks
+
+@torch.no_grad()
+def classify(model, builder, pairs: list[Pair], device, dtype, batch_size: int) -> tuple[list[Pair], Tensor]:
+    """Logits of this rank's share of `pairs` (all ranks take part); returns (pairs, logits)."""
+    rank, world = distributed.rank_and_world()
+    model.eval()
+    done, outputs = [], []
+    generator = torch.Generator().manual_seed(0)
+    for chunk, padding in _even_chunks(pairs, batch_size, rank, world):
+        batch = builder(chunk, [builder.image(p) for p in chunk], generator).to(device)
+        batch.images = batch.images.to(dtype)
+        batch.labels = None
+        logits = model(batch).logits.float().cpu()
+        if not padding:
+            done.extend(chunk)
+            outputs.append(logits)
+    return done, torch.cat(outputs) if outputs else torch.zeros(0)
+
+
+def vqa(model, builder, pairs: list[Pair], answers: list[str], device, dtype, batch_size: int
+        ) -> tuple[dict[str, float], list[dict]]:
+    """VQA accuracy (official metric) over all ranks, and every question's predicted answer."""
+    mine, logits = classify(model, builder, pairs, device, dtype, batch_size)
+    predictions = [{"question_id": p.target.get("question_id"), "answer": answers[i]}
+                   for p, i in zip(mine, logits.argmax(-1).tolist())]
+    scored = [(vqa_accuracy(pred["answer"], p.target["answers"])) for p, pred in zip(mine, predictions)
+              if p.target.get("answers")]
+    total, count = _sum_over_ranks([sum(scored), len(scored)])
+    all_predictions = [p for part in distributed.gather_objects(predictions) for p in part]
+    metrics = {"vqa_accuracy": 100.0 * total / count} if count else {}
+    metrics["questions"] = float(len(all_predictions))
+    return metrics, all_predictions
+
+
+def nlvr2(model, builder, pairs: list[Pair], device, dtype, batch_size: int) -> dict[str, float]:
+    mine, logits = classify(model, builder, pairs, device, dtype, batch_size)
+    truth = torch.tensor([int(p.target["label"]) for p in mine], dtype=torch.long)
+    correct, count = _sum_over_ranks([float((logits.argmax(-1) == truth).sum()) if len(mine) else 0.0, len(mine)])
+    return {"nlvr2_accuracy": 100.0 * correct / max(count, 1), "examples": count}
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---------------------------------------------------------------------------- retrieval
+
+@torch.no_grad()
+def retrieval(visual_tokens: Callable, match_scores: Callable, pairs: list[Pair], tokenizer, data: DataConfig,
+              device, dtype, batch_size: int) -> dict[str, float]:
+    """Full cross-encoder ranking: every image against every caption of `pairs`.
+
+    Images are split over ranks; each rank decodes its images and runs the CNN once per image
+    (the visual tokens are kept), then scores them against all captions `batch_size` at a time.
+    `visual_tokens(images, mask)` and `match_scores(ids, attention, visual, visual_mask)` are
+    the model's (a fine-tuned head, or the ITM head for zero-shot retrieval).
+    """
+    rank, world = distributed.rank_and_world()
+    start = time.perf_counter()
+    keys = list(dict.fromkeys(p.key for p in pairs))
+    row = {key: i for i, key in enumerate(keys)}
+    jpegs = {p.key: p.jpeg for p in pairs}
+    caption_image = torch.tensor([row[p.key] for p in pairs])
+    text = encode_captions(tokenizer, [p.caption for p in pairs], data.max_text_len, keys=[p.key for p in pairs])
+    ids, attention = text.input_ids.to(device), text.attention_mask.to(device)
+
+    cached: list[tuple[Tensor, Tensor]] = []  # this rank's images' visual tokens, CNN run once each
+    owned = 0
+    for chunk, padding in _even_chunks(keys, batch_size, rank, world):
+        images = [decode_resize(jpegs[k], data.image_short_side, data.image_long_side) for k in chunk]
+        pixels, mask = pad_images(images)
+        tokens, token_mask = visual_tokens(pixels.to(device, dtype), mask.to(device))
+        if not padding:
+            cached.extend((tokens[i:i + 1], token_mask[i:i + 1]) for i in range(len(chunk)))
+            owned += len(chunk)
+    share = math.ceil(len(keys) / world)
+    scores = torch.full((share, len(pairs)), float("-inf"))
+    for i in range(share):
+        tokens, token_mask = cached[min(i, len(cached) - 1)] if cached else (None, None)
+        if tokens is None:  # this rank owns no image: it still joins every forward pass
+            tokens, token_mask = visual_tokens(*_blank_image(device, dtype))
+        for first in range(0, len(pairs), batch_size):
+            last = min(first + batch_size, len(pairs))
+            n = last - first
+            s = match_scores(ids[first:last], attention[first:last], tokens.expand(n, -1, -1),
+                             token_mask.expand(n, -1)).float().cpu()
+            if i < owned:
+                scores[i, first:last] = s
+    full = _gather_rows(scores)[: len(keys)]
+    metrics = recall_at_k(full, caption_image)
+    metrics.update(images=float(len(keys)), captions=float(len(pairs)), seconds=time.perf_counter() - start)
+    return metrics
+
+
+def _blank_image(device, dtype) -> tuple[Tensor, Tensor]:
+    from pixelbert_dist.model import TOKEN_STRIDE
+    return (torch.zeros(1, 3, TOKEN_STRIDE, TOKEN_STRIDE, device=device, dtype=dtype),
+            torch.ones(1, TOKEN_STRIDE, TOKEN_STRIDE, dtype=torch.bool, device=device))
+
+
+def _gather_rows(scores: Tensor) -> Tensor:
+    """Every rank's equally sized block of rows, in rank order."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return scores
+    parts = distributed.gather_objects(scores)
+    return torch.cat(parts)

@@ -1,0 +1,136 @@
+"""Fine-tuning for real: synthetic task shards -> DeepSpeed -> evaluation -> MLflow."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline import shard
+from data_pipeline.sources import SourceSpec, read_records
+from data_pipeline.synthetic_tasks import generate_tasks
+from pixelbert_dist.config import FinetuneConfig, TaskConfig, load_config
+from pixelbert_dist.tokenizer import train_wordpiece
+from tests.conftest import REPO, _free_port
+
+BIN = Path(sys.executable).parent
+CONFIG = REPO / "configs" / "finetune" / "tiny-cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory, ray_local):
+    """Each synthetic task's train and held-out split, sharded; a vocab over all their texts."""
+    root = tmp_path_factory.mktemp("finetune")
+    specs = generate_tasks(root / "raw", 24, seed=3, min_side=128, max_side=256)
+    out, texts = {}, []
+    for task, (train, *_, held_out) in specs.items():
+        for split, spec in (("train", train), ("eval", held_out)):
+            assert shard.main(["--source", spec, "--out", str(root / f"{task}-{split}"), "--shard-size", "32",
+                               "--no-progress"]) == 0
+            texts += [t for record in read_records(SourceSpec.parse(spec)) for t in record.captions]
+        out[task] = (root / f"{task}-train", root / f"{task}-eval")
+    vocab = train_wordpiece(texts, 200, root / "vocab")
+    return out, vocab, root / "raw"
+
+
+def _argv(tasks, task: str, workdir: Path, **overrides) -> list[str]:
+    shards, vocab, raw = tasks
+    settings = {
+        "task.name": task, "data.train_manifest": shards[task][0], "data.eval_manifest": shards[task][1],
+        "data.tokenizer": vocab, "data.num_workers": 0, "train.global_batch_size": 16, "train.micro_batch_size": 8,
+        "train.max_steps": 4, "train.log_every": 1, "checkpoint.dir": workdir / "ckpt",
+        "tracking.uri": f"sqlite:///{workdir / 'mlruns.db'}", "deepspeed.config": REPO / "configs/deepspeed/zero2.json",
+    }
+    if task == "vqa":
+        settings["task.answer_vocab"] = raw / "vqa" / "answers.json"
+    settings.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return ["--config", str(CONFIG)] + [f"--{k}={v}" for k, v in settings.items()]
+
+
+def _run(nproc: int, argv: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    launcher = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable]
+    env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    import os
+    return subprocess.run([*launcher, "-m", "pixelbert_dist.finetune", *argv], cwd=workdir,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def _metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select key, step, value from metrics order by step").fetchall()
+    out: dict[str, list[tuple[int, float]]] = {}
+    for key, step, value in rows:
+        out.setdefault(key, []).append((step, value))
+    return out
+
+
+def _export(tasks, path: Path) -> Path:
+    """A tiny "pre-trained" Pixel-BERT in the export format (random weights: only loading is tested)."""
+    from safetensors.torch import save_model
+
+    from pixelbert_dist.export import CONFIG as EXPORT_CONFIG, WEIGHTS
+    from pixelbert_dist.model import PixelBert
+
+    cfg = load_config(CONFIG, [f"--model.vocab_size={len(tasks[1].read_text().split())}"], schema=FinetuneConfig)
+    torch.manual_seed(5)
+    path.mkdir(parents=True)
+    save_model(PixelBert(cfg.model), str(path / WEIGHTS))
+    (path / EXPORT_CONFIG).write_text(json.dumps(cfg.to_dict()))
+    return path
+
+
+@pytest.mark.slow
+def test_vqa_on_two_ranks_from_an_export_answers_every_held_out_question(tasks, tmp_path):
+    init = _export(tasks, tmp_path / "pretrained")
+    done = _run(2, _argv(tasks, "vqa", tmp_path, task__init=init, task__predictions=tmp_path / "answers.json"),
+                tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"starting from {init}" in done.stderr
+    metrics = _metrics(tmp_path / "mlruns.db")
+    assert [s for s, _ in metrics["loss"]] == [1, 2, 3, 4]
+    assert [s for s, _ in metrics["eval.vqa_accuracy"]] == [4]
+    assert 0 <= metrics["eval.vqa_accuracy"][0][1] <= 100
+    # every held-out question answered exactly once, from the vocabulary, over both ranks
+    raw = tasks[2] / "vqa"
+    questions = json.loads(next(raw.glob("v2_OpenEnded_mscoco_val*_questions.json")).read_text())["questions"]
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert sorted(a["question_id"] for a in answers) == sorted(q["question_id"] for q in questions)
+    assert {a["answer"] for a in answers} <= set(json.loads((raw / "answers.json").read_text()))
+    with sqlite3.connect(tmp_path / "mlruns.db") as con:
+        params = dict(con.execute("select key, value from params").fetchall())
+    assert params["task.name"] == "vqa" and params["world_size"] == "2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["nlvr2", "retrieval"])
+def test_nlvr2_and_retrieval_train_evaluate_and_resume(tasks, tmp_path, task):
+    extra = {"task.freeze_cnn": "true"} if task == "retrieval" else {}
+    done = _run(1, _argv(tasks, task, tmp_path, checkpoint__every_steps=2, train__max_steps=2, **extra), tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = _run(1, _argv(tasks, task, tmp_path, train__max_steps=4, **extra) + ["--resume", "auto"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = _metrics(tmp_path / "mlruns.db")
+    assert [s for s, _ in metrics["loss"]] == [1, 2, 3, 4]  # one MLflow run, continued
+    key = "eval.nlvr2_accuracy" if task == "nlvr2" else "eval.text_r1"
+    assert [s for s, _ in metrics[key]] == [2, 4]
+    if task == "retrieval":
+        images, captions = metrics["eval.images"][-1][1], metrics["eval.captions"][-1][1]
+        assert captions == 5 * images and metrics["eval.seconds"][-1][1] > 0
+
+
+def test_config_faults_are_named_before_training(tasks, tmp_path):
+    from pixelbert_dist.finetune import pretrained_model_config
+
+    with pytest.raises(ValueError, match="task.init=.*nowhere"):
+        pretrained_model_config(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="task.hard_negatives"):
+        TaskConfig(name="retrieval", negatives=3, hard_negatives=5)
+    done = _run(1, _argv(tasks, "vqa", tmp_path, task__answer_vocab=""), tmp_path)
+    assert done.returncode == 2 and "task.answer_vocab" in done.stderr
