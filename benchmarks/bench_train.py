@@ -43,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, log_mlflow, markdown_table, write_results  # noqa: E402
 from pixelbert_dist.config import PretrainConfig, load_config  # noqa: E402
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
@@ -536,41 +536,6 @@ def plot(rows: list[dict]):
     return draw
 
 
-def log_mlflow(out: Path, params: dict, rows: list[dict], targets: dict, files: list[Path]) -> str | None:
-    """One run in the experiment "benchmarks"; a missing or failing MLflow costs a warning."""
-    try:
-        import mlflow
-    except ImportError:
-        print("mlflow not installed: run not logged")
-        return None
-    try:
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlruns.db').resolve()}"
-        mlflow.set_tracking_uri(uri)
-        experiment = mlflow.get_experiment_by_name("benchmarks")
-        if experiment is None:
-            # artifacts beside the database (ignored by git as mlruns/), not in the working folder
-            location = (out / "mlruns").resolve().as_uri() if uri.startswith("sqlite") else None
-            experiment_id = mlflow.create_experiment("benchmarks", artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-        from pixelbert_dist.tracking import flatten
-        with mlflow.start_run(experiment_id=experiment_id, run_name=files[0].stem) as run:
-            mlflow.set_tag("benchmark", "train")
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten("", params).items()})
-            metrics = {f"{row['case']}.{key}": float(value) for row in rows if "error" not in row
-                       for key, value in row.items()
-                       if isinstance(value, (int, float)) and not isinstance(value, bool)}
-            metrics.update({k: float(v) for k, v in targets.items()})
-            mlflow.log_metrics(metrics)
-            for path in files:
-                if path.exists():
-                    mlflow.log_artifact(str(path))
-            return run.info.run_id
-    except Exception as err:  # tracking never fails a benchmark
-        print(f"MLflow logging failed ({err}); results are in the files")
-        return None
-
-
 # ---------------------------------------------------------------------------- main
 
 def _ints(text: str) -> list[int]:
@@ -723,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     print(f"results: {md}")
     if not (gpu_mode or args.no_mlflow):
-        run_id = log_mlflow(args.out, data["config"], rows, extra["targets"],
+        run_id = log_mlflow("train", args.out, data["config"], rows, extra["targets"],
                             [md, md.with_suffix(".json"), md.with_suffix(".png")])
         if run_id:
             print(f"MLflow run {run_id} in experiment 'benchmarks'")

@@ -74,3 +74,39 @@ def write_results(theme: str, title: str, body_md: str, data: dict, plot=None,
     stem.with_suffix(".md").write_text(f"# {title}\n\n{hardware_tag()}, {data['date']}\n\n{body_md}\n"
                                        f"{image}\n## Configuration\n\n{config}\n")
     return stem.with_suffix(".md")
+
+
+def log_mlflow(benchmark: str, out: Path, params: dict, rows: list[dict], targets: dict,
+               files: list[Path]) -> str | None:
+    """One run in the experiment "benchmarks" (rows keyed by their "case"); a failing MLflow costs a warning."""
+    try:
+        import mlflow
+    except ImportError:
+        print("mlflow not installed: run not logged")
+        return None
+    try:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlruns.db').resolve()}"
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.get_experiment_by_name("benchmarks")
+        if experiment is None:
+            # artifacts beside the database (ignored by git as mlruns/), not in the working folder
+            location = (out / "mlruns").resolve().as_uri() if uri.startswith("sqlite") else None
+            experiment_id = mlflow.create_experiment("benchmarks", artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        from pixelbert_dist.tracking import flatten
+        with mlflow.start_run(experiment_id=experiment_id, run_name=files[0].stem) as run:
+            mlflow.set_tag("benchmark", benchmark)
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten("", params).items()})
+            metrics = {f"{row['case']}.{key}": float(value) for row in rows if "error" not in row
+                       for key, value in row.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            metrics.update({k: float(v) for k, v in targets.items()})
+            mlflow.log_metrics(metrics)
+            for path in files:
+                if path.exists():
+                    mlflow.log_artifact(str(path))
+            return run.info.run_id
+    except Exception as err:  # tracking never fails a benchmark
+        print(f"MLflow logging failed ({err}); results are in the files")
+        return None
