@@ -15,6 +15,7 @@ split, read back from its MLflow run. Writes benchmarks/results/downstream_<hard
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -90,7 +91,8 @@ def finetune(task: str, init: str, shards: tuple[Path, Path], args, work: Path) 
 
 def newest_checkpoint(path: Path) -> Path:
     from pixelbert_dist.checkpoint import COMPLETE, complete_tags
-    if (path / COMPLETE).is_file():
+    from pixelbert_dist.export import WEIGHTS
+    if (path / COMPLETE).is_file() or (path / WEIGHTS).is_file():  # one checkpoint, or an export
         return path
     tags = complete_tags(path)
     if not tags:
@@ -118,7 +120,8 @@ def plot(rows: list[dict]):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", required=True, help="a checkpoint folder, or a folder of them (newest taken)")
+    parser.add_argument("--pretrained", required=True,
+                        help="a checkpoint folder, a folder of them (newest taken), or an export")
     parser.add_argument("--tokenizer", required=True, help="the pre-training vocab.txt")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "downstream")
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run (32 pairs each)")
@@ -138,20 +141,25 @@ def main(argv: list[str] | None = None) -> int:
         metric = TASKS[task][0]
         scores = {kind: finetune(task, str(init) if kind == "pretrained" else "", shards[task], args, args.work)
                   for kind in ("scratch", "pretrained")}
+        # two standard errors of a difference of two proportions at p = 0.5 over the evaluated
+        # examples (questions, sentences, images): a smaller gain is noise, not help
+        examples = scores["scratch"].get("questions") or scores["scratch"].get("examples") or scores["scratch"]["images"]
         rows.append({"case": task, "task": task, "metric": metric, "scratch": scores["scratch"][metric],
                      "pretrained": scores["pretrained"][metric],
                      "gain": scores["pretrained"][metric] - scores["scratch"][metric],
+                     "noise": 100.0 * 2 * math.sqrt(2 * 0.25 / examples), "examples": int(examples),
                      "scratch_wall_s": scores["scratch"]["wall_s"], "pretrained_wall_s": scores["pretrained"]["wall_s"],
                      "details": scores})
         print(f"{task}: {metric} scratch {rows[-1]['scratch']:.2f} pre-trained {rows[-1]['pretrained']:.2f}", flush=True)
-    table = markdown_table(rows, ["task", "metric", "scratch", "pretrained", "gain", "scratch_wall_s",
-                                  "pretrained_wall_s"])
-    helped = sum(r["gain"] > 0 for r in rows)
+    table = markdown_table(rows, ["task", "metric", "examples", "scratch", "pretrained", "gain", "noise",
+                                  "scratch_wall_s", "pretrained_wall_s"])
+    helped = sum(r["gain"] > r["noise"] for r in rows)
     body = (f"Pre-trained checkpoint: `{init}`. Each task fine-tuned for {args.steps} steps of 32 pairs "
             f"(configs/finetune/tiny-cpu.yaml, one process, seed fixed) from that checkpoint and from random "
             f"weights, then evaluated on its held-out split (VQA: official accuracy on val; NLVR2: accuracy on "
             f"dev; retrieval: mean of Recall@1/5/10 both ways on test, CNN frozen).\n\n{table}\n\n"
-            f"Pre-training helped on {helped} of {len(rows)} tasks. Whole run: {time.time() - started:.0f} s.\n")
+            f"Pre-training helped (a gain above `noise`, two standard errors of the difference at p = 0.5 over "
+            f"the held-out examples) on {helped} of {len(rows)} tasks. Whole run: {time.time() - started:.0f} s.\n")
     data = {"config": {"pretrained": str(init), "steps": args.steps, "num_images": args.num_images, "tasks": args.tasks,
                        "seed": args.seed, "finetune_config": "configs/finetune/tiny-cpu.yaml"},
             "rows": rows}

@@ -13,13 +13,14 @@ import torch
 
 from data_pipeline import shard
 from data_pipeline.sources import SourceSpec, read_records
-from data_pipeline.synthetic_tasks import generate_tasks
+from data_pipeline.synthetic_tasks import generate_tasks, write_retrieval
 from pixelbert_dist.config import FinetuneConfig, TaskConfig, load_config
 from pixelbert_dist.tokenizer import train_wordpiece
 from tests.conftest import REPO, _free_port
 
 BIN = Path(sys.executable).parent
 CONFIG = REPO / "configs" / "finetune" / "tiny-cpu.yaml"
+PRETRAINED = REPO / "tests" / "data" / "pretrained-tiny"  # make demo's checkpoint, exported (see its README)
 
 
 @pytest.fixture(scope="module")
@@ -109,20 +110,16 @@ def test_vqa_on_two_ranks_from_an_export_answers_every_held_out_question(tasks, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["nlvr2", "retrieval"])
-def test_nlvr2_and_retrieval_train_evaluate_and_resume(tasks, tmp_path, task):
-    extra = {"task.freeze_cnn": "true"} if task == "retrieval" else {}
-    done = _run(1, _argv(tasks, task, tmp_path, checkpoint__every_steps=2, train__max_steps=2, **extra), tmp_path)
+def test_nlvr2_trains_evaluates_and_resumes_into_the_same_run(tasks, tmp_path):
+    # (retrieval trains and evaluates in the pre-trained-vs-scratch test below)
+    done = _run(1, _argv(tasks, "nlvr2", tmp_path, checkpoint__every_steps=2, train__max_steps=2), tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    done = _run(1, _argv(tasks, task, tmp_path, train__max_steps=4, **extra) + ["--resume", "auto"], tmp_path)
+    done = _run(1, _argv(tasks, "nlvr2", tmp_path, train__max_steps=4) + ["--resume", "auto"], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = _metrics(tmp_path / "mlruns.db")
     assert [s for s, _ in metrics["loss"]] == [1, 2, 3, 4]  # one MLflow run, continued
-    key = "eval.nlvr2_accuracy" if task == "nlvr2" else "eval.text_r1"
-    assert [s for s, _ in metrics[key]] == [2, 4]
-    if task == "retrieval":
-        images, captions = metrics["eval.images"][-1][1], metrics["eval.captions"][-1][1]
-        assert captions == 5 * images and metrics["eval.seconds"][-1][1] > 0
+    assert [s for s, _ in metrics["eval.nlvr2_accuracy"]] == [2, 4]
+    assert 0 <= metrics["eval.nlvr2_accuracy"][-1][1] <= 100
 
 
 def test_config_faults_are_named_before_training(tasks, tmp_path):
@@ -134,3 +131,35 @@ def test_config_faults_are_named_before_training(tasks, tmp_path):
         TaskConfig(name="retrieval", negatives=3, hard_negatives=5)
     done = _run(1, _argv(tasks, "vqa", tmp_path, task__answer_vocab=""), tmp_path)
     assert done.returncode == 2 and "task.answer_vocab" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def retrieval_split(tmp_path_factory, ray_local):
+    """Synthetic retrieval: its train split and a 20-image test split, sharded."""
+    root = tmp_path_factory.mktemp("retrieval")
+    train, _, test = write_retrieval(root / "raw", 200, 7, 192, 448)
+    for name, spec in (("train", train), ("test", test)):
+        assert shard.main(["--source", spec, "--out", str(root / name), "--shard-size", "100", "--max-short-side",
+                           "128", "--max-long-side", "192", "--no-progress"]) == 0
+    return root / "train", root / "test"
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_the_pretrained_model_beats_fine_tuning_from_scratch(retrieval_split, tmp_path):
+    """The same budget, config and seed from pre-trained weights and from random ones:
+    retrieval with the CNN frozen, ranked over the held-out images."""
+    scores = {}
+    for init in (str(PRETRAINED), ""):
+        workdir = tmp_path / ("pretrained" if init else "scratch")
+        argv = ["--config", str(CONFIG), "--task.name=retrieval", "--task.freeze_cnn=true", f"--task.init={init}",
+                f"--data.train_manifest={retrieval_split[0]}", f"--data.eval_manifest={retrieval_split[1]}",
+                f"--data.tokenizer={PRETRAINED / 'vocab.txt'}", "--data.num_workers=0", "--train.max_steps=60",
+                f"--checkpoint.dir={workdir / 'ckpt'}", f"--tracking.uri=sqlite:///{workdir / 'mlruns.db'}",
+                f"--deepspeed.config={REPO / 'configs/deepspeed/zero2.json'}"]
+        done = _run(1, argv, workdir)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        metrics = _metrics(workdir / "mlruns.db")
+        assert metrics["eval.images"][-1][1] == 20 and metrics["eval.captions"][-1][1] == 100
+        scores[init or "scratch"] = metrics["eval.r_mean"][-1][1]
+    # measured: 46.5 vs 25.0 (chance ~27); 5 points of margin against a flaky pass
+    assert scores[str(PRETRAINED)] > scores["scratch"] + 5.0, scores
