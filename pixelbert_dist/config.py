@@ -270,7 +270,7 @@ class PretrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["vqa", "nlvr2", "retrieval"] = "vqa"
+    name: Literal["vqa", "nlvr2", "retrieval"] = "retrieval"
     """Downstream task: VQA 2.0, NLVR2, or image-text retrieval (Flickr30K / COCO)."""
     init: str = ""
     """Pre-trained weights: a checkpoint folder (checkpoints/stepN) or an export; empty: from scratch."""
@@ -292,6 +292,8 @@ class TaskConfig:
         _require(1 <= self.hard_negatives <= self.negatives,
                  f"task.hard_negatives must be in [1, task.negatives={self.negatives}], got {self.hard_negatives}")
         _require(self.eval_batch_size > 0, f"task.eval_batch_size must be positive, got {self.eval_batch_size}")
+        _require(self.name != "vqa" or bool(self.answer_vocab),
+                 "task.name=vqa needs task.answer_vocab (python -m data_pipeline.answers makes it)")
 
 
 @dataclass

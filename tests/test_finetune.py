@@ -28,6 +28,7 @@ def tasks(tmp_path_factory, ray_local):
     """Each synthetic task's train and held-out split, sharded; a vocab over all their texts."""
     root = tmp_path_factory.mktemp("finetune")
     specs = generate_tasks(root / "raw", 24, seed=3, min_side=128, max_side=256)
+    del specs["retrieval"]  # retrieval has its own, larger data below
     out, texts = {}, []
     for task, (train, *_, held_out) in specs.items():
         for split, spec in (("train", train), ("eval", held_out)):
@@ -122,15 +123,15 @@ def test_nlvr2_trains_evaluates_and_resumes_into_the_same_run(tasks, tmp_path):
     assert 0 <= metrics["eval.nlvr2_accuracy"][-1][1] <= 100
 
 
-def test_config_faults_are_named_before_training(tasks, tmp_path):
+def test_config_faults_are_named_before_training(tmp_path):
     from pixelbert_dist.finetune import pretrained_model_config
 
     with pytest.raises(ValueError, match="task.init=.*nowhere"):
         pretrained_model_config(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="task.hard_negatives"):
         TaskConfig(name="retrieval", negatives=3, hard_negatives=5)
-    done = _run(1, _argv(tasks, "vqa", tmp_path, task__answer_vocab=""), tmp_path)
-    assert done.returncode == 2 and "task.answer_vocab" in done.stderr
+    with pytest.raises(ValueError, match="task.answer_vocab"):
+        load_config(CONFIG, ["--task.name=vqa"], schema=FinetuneConfig)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_fine_tuning_from_the_pretrained_model_beats_fine_tuning_from_scratch(re
         workdir = tmp_path / ("pretrained" if init else "scratch")
         argv = ["--config", str(CONFIG), "--task.name=retrieval", "--task.freeze_cnn=true", f"--task.init={init}",
                 f"--data.train_manifest={retrieval_split[0]}", f"--data.eval_manifest={retrieval_split[1]}",
-                f"--data.tokenizer={PRETRAINED / 'vocab.txt'}", "--data.num_workers=0", "--train.max_steps=60",
+                f"--data.tokenizer={PRETRAINED / 'vocab.txt'}", "--data.num_workers=0", "--train.max_steps=40",
                 f"--checkpoint.dir={workdir / 'ckpt'}", f"--tracking.uri=sqlite:///{workdir / 'mlruns.db'}",
                 f"--deepspeed.config={REPO / 'configs/deepspeed/zero2.json'}"]
         done = _run(1, argv, workdir)

@@ -25,6 +25,8 @@ TINY = ModelConfig(backbone="custom", backbone_widths=[8, 8, 16, 16], train_back
 
 def _model(name: str, **task) -> PixelBertForTask:
     torch.manual_seed(0)
+    if name == "vqa":
+        task.setdefault("answer_vocab", "answers.json")  # the config requires one; the head takes its size
     model = PixelBertForTask(TINY, TaskConfig(name=name, **task), num_answers=6)
     model.adopt_pretraining_heads()
     return model.train()
