@@ -282,6 +282,8 @@ class TaskConfig:
     """Retrieval: the highest-scoring negatives that give gradients."""
     freeze_cnn: bool = False
     """Keep the CNN's weights and norm statistics as pre-trained (the paper does for retrieval)."""
+    eval_folds: int = 1
+    """Retrieval: also report Recall@K averaged over this many equal folds of the images (COCO 1K: 5)."""
     eval_batch_size: int = 64
     """Text sequences per forward pass in evaluation."""
     predictions: str = ""
@@ -292,6 +294,7 @@ class TaskConfig:
         _require(1 <= self.hard_negatives <= self.negatives,
                  f"task.hard_negatives must be in [1, task.negatives={self.negatives}], got {self.hard_negatives}")
         _require(self.eval_batch_size > 0, f"task.eval_batch_size must be positive, got {self.eval_batch_size}")
+        _require(self.eval_folds >= 1, f"task.eval_folds must be >= 1, got {self.eval_folds}")
         _require(self.name != "vqa" or bool(self.answer_vocab),
                  "task.name=vqa needs task.answer_vocab (python -m data_pipeline.answers makes it)")
 

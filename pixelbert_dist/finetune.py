@@ -110,7 +110,7 @@ class TaskTrainer(Trainer):
                 metrics = evaluate.nlvr2(model, builder, self._eval_pairs, *args)
             else:
                 metrics = evaluate.retrieval(model.visual_tokens, model.match_scores, self._eval_pairs,
-                                             self.tokenizer, cfg.data, *args)
+                                             self.tokenizer, cfg.data, *args, folds=task.eval_folds)
         finally:
             model.train()
         metrics = {f"eval.{k}": v for k, v in metrics.items()}

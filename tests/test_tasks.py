@@ -15,7 +15,7 @@ from PIL import Image
 
 from pixelbert_dist.config import DataConfig, ModelConfig, TaskConfig
 from pixelbert_dist.data.stream import Pair
-from pixelbert_dist.evaluate import recall_at_k, retrieval, vqa_accuracy
+from pixelbert_dist.evaluate import recall_at_k, recall_over_folds, retrieval, vqa_accuracy
 from pixelbert_dist.tasks import PixelBertForTask, TaskBatch
 
 TINY = ModelConfig(backbone="custom", backbone_widths=[8, 8, 16, 16], train_backbone_norm=True, hidden_size=32,
@@ -127,6 +127,17 @@ def test_recall_at_k_on_a_hand_checked_matrix():
     assert r["image_r2"] < 100.0
     perfect = recall_at_k(torch.eye(3).repeat_interleave(2, dim=1), caption_image)
     assert perfect["text_r1"] == perfect["image_r1"] == 100.0
+
+
+def test_recall_over_folds_ranks_each_fold_against_its_own_captions_only():
+    # 4 images, one caption each. Within a fold the true caption scores highest, but every image
+    # scores the other fold's captions higher still: the whole ranking misses, each fold hits.
+    caption_image = torch.arange(4)
+    scores = torch.tensor([[2.0, 1.0, 9.0, 9.0], [1.0, 2.0, 9.0, 9.0], [9.0, 9.0, 2.0, 1.0], [9.0, 9.0, 1.0, 2.0]])
+    whole = recall_at_k(scores, caption_image, ks=(1,))
+    assert whole["text_r1"] == whole["image_r1"] == 0.0
+    folds = recall_over_folds(scores, caption_image, 2)
+    assert folds["folds2.text_r1"] == folds["folds2.image_r1"] == 100.0
 
 
 # ---------------------------------------------------------------------------- ranking over ranks
