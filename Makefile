@@ -58,7 +58,7 @@ demo: $(STAMP)
 	@echo "  cd $(DEMO) && $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1"
 
 # Does pre-training help? The synthetic VQA / NLVR2 / retrieval tasks fine-tuned from the
-# demo's checkpoint and from scratch on the same budget (about 15 minutes on 2 cores).
+# demo's checkpoint and from scratch on the same budget (about 12 minutes on 2 cores).
 .PHONY: downstream
 downstream: $(STAMP)
 	test -d $(DEMO)/checkpoints || $(MAKE) demo
