@@ -1,6 +1,6 @@
 """Evaluation of the downstream tasks, split over ranks: VQA accuracy, NLVR2 accuracy, Recall@K.
 
-    pairs = read_pairs("s3://bucket/vqa-val")              # every (image, text, target)
+    pairs = read_pairs(Manifest("s3://bucket/vqa-val"))    # every (image, text, target)
     vqa(model, builder, pairs, device, dtype, batch_size)  # {"vqa_accuracy": ..}, predictions
     retrieval(model, pairs, tokenizer, data_cfg, device, dtype, batch_size)  # recalls, timing
 
@@ -77,9 +77,8 @@ def recall_over_folds(scores: Tensor, caption_image: Tensor, folds: int) -> dict
 
 # ---------------------------------------------------------------------------- data
 
-def read_pairs(manifest_url: str, max_images: int = 0) -> list[Pair]:
+def read_pairs(manifest: Manifest, max_images: int = 0) -> list[Pair]:
     """Every pair of a (held-out) dataset, shard by shard; the first `max_images` images if > 0."""
-    manifest = Manifest(manifest_url)
     pairs: list[Pair] = []
     images: set[str] = set()
     for shard in manifest.order:
@@ -91,7 +90,7 @@ def read_pairs(manifest_url: str, max_images: int = 0) -> list[Pair]:
         if max_images and len(images) == max_images:
             break
     if not pairs:
-        raise ValueError(f"{manifest_url} holds no pairs to evaluate on")
+        raise ValueError(f"{manifest.url} holds no pairs to evaluate on")
     return pairs
 
 

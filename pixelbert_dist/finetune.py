@@ -95,7 +95,7 @@ class TaskTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         cfg, task = self.cfg, self.cfg.task
         if self._eval_pairs is None:
-            self._eval_pairs = evaluate.read_pairs(cfg.data.eval_manifest)
+            self._eval_pairs = evaluate.read_pairs(self._eval_manifest)
         model = self.engine.module
         model.eval()
         builder = TaskBatchBuilder(self.tokenizer, cfg.data, task, self.answers)

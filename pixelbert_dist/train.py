@@ -58,8 +58,10 @@ class Trainer:
                                       cfg.data.num_workers, cfg.data.open_shards, self.batch_builder())
         self.loader.manifest.check_shards_present()
         self._eval_pairs = None
+        self._eval_manifest = None
         if cfg.data.eval_manifest:  # a missing held-out set: an error now, not at the first evaluation
-            Manifest(cfg.data.eval_manifest).check_shards_present()
+            self._eval_manifest = Manifest(cfg.data.eval_manifest)
+            self._eval_manifest.check_shards_present()
 
         ds_config = deepspeed_config(cfg, dist_info.world_size)
         self.accumulation = ds_config["gradient_accumulation_steps"]
@@ -135,7 +137,7 @@ class Trainer:
         from pixelbert_dist import evaluate
 
         if self._eval_pairs is None:
-            self._eval_pairs = evaluate.read_pairs(self.cfg.data.eval_manifest, self.cfg.train.eval_images)
+            self._eval_pairs = evaluate.read_pairs(self._eval_manifest, self.cfg.train.eval_images)
         model = self.engine.module
         model.eval()
         try:
@@ -199,8 +201,7 @@ class Trainer:
                 self.loader.next_epoch()
         if self.step % self.cfg.checkpoint.every_steps != 0:
             self.save()
-        if self.cfg.data.eval_manifest and not (self.cfg.train.eval_every and
-                                                self.step % self.cfg.train.eval_every == 0):
+        if self._eval_manifest is not None and not self._evaluated_this_step():
             self.evaluate()
         if self._pairs_log is not None:
             self._pairs_log.close()
@@ -241,10 +242,15 @@ class Trainer:
         if self.step % self.cfg.train.log_every == 0 or self._done():
             self.last_metrics = self._log(time.perf_counter() - self.window_start)
             self._reset_window()
-        if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+        if self._eval_manifest is not None and self._evaluated_this_step():
             self.evaluate()
         if self.step % self.cfg.checkpoint.every_steps == 0:
             self.save()
+
+    def _evaluated_this_step(self) -> bool:
+        """Whether train.eval_every puts an evaluation at this step (the end adds one otherwise)."""
+        every = self.cfg.train.eval_every
+        return bool(every) and self.step % every == 0
 
     def _reset_window(self) -> None:
         self.window = {k: 0.0 for k in self.OUTPUT_KEYS}

@@ -20,6 +20,17 @@ def tiny_cfg():
     return load_config(TINY, ["--model.vocab_size=1000"])
 
 
+def mlflow_metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric in an MLflow sqlite store: key -> [(step, value), ...] in step order."""
+    import sqlite3
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select key, step, value from metrics order by step").fetchall()
+    out: dict[str, list[tuple[int, float]]] = {}
+    for key, step, value in rows:
+        out.setdefault(key, []).append((step, value))
+    return out
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from data_pipeline.sources import SourceSpec, read_records
 from data_pipeline.synthetic_tasks import generate_tasks, write_retrieval
 from pixelbert_dist.config import FinetuneConfig, TaskConfig, load_config
 from pixelbert_dist.tokenizer import train_wordpiece
-from tests.conftest import REPO, _free_port
+from tests.conftest import REPO, _free_port, mlflow_metrics as _metrics
 
 BIN = Path(sys.executable).parent
 CONFIG = REPO / "configs" / "finetune" / "tiny-cpu.yaml"
@@ -59,18 +60,8 @@ def _run(nproc: int, argv: list[str], workdir: Path) -> subprocess.CompletedProc
     launcher = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                 f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable]
     env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    import os
     return subprocess.run([*launcher, "-m", "pixelbert_dist.finetune", *argv], cwd=workdir,
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
-
-
-def _metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
-    with sqlite3.connect(db) as con:
-        rows = con.execute("select key, step, value from metrics order by step").fetchall()
-    out: dict[str, list[tuple[int, float]]] = {}
-    for key, step, value in rows:
-        out.setdefault(key, []).append((step, value))
-    return out
 
 
 def _export(tasks, path: Path) -> Path:

@@ -15,7 +15,7 @@ from data_pipeline.synthetic import generate
 from pixelbert_dist.config import ConfigError, load_config
 from pixelbert_dist.engine import deepspeed_config
 from pixelbert_dist.tokenizer import train_wordpiece
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, mlflow_metrics as _metrics
 
 BIN = Path(sys.executable).parent
 
@@ -70,15 +70,6 @@ def _pairs_log(workdir: Path) -> list[dict]:
         rank = int(path.stem[4:])
         rows += [{**json.loads(line), "rank": rank} for line in path.read_text().splitlines()]
     return rows
-
-
-def _metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
-    with sqlite3.connect(db) as con:
-        rows = con.execute("select key, step, value from metrics order by step").fetchall()
-    out: dict[str, list[tuple[int, float]]] = {}
-    for key, step, value in rows:
-        out.setdefault(key, []).append((step, value))
-    return out
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 
 import torch
-from torch import Tensor
 
+from data_pipeline.answers import normalize_answer
 from pixelbert_dist.config import DataConfig, TaskConfig
 from pixelbert_dist.data.batch import decode_resize, image_rows
 from pixelbert_dist.data.stream import Pair
@@ -23,8 +23,6 @@ from pixelbert_dist.tokenizer import encode_captions
 
 def vqa_soft_scores(answers: list[str], vocab: dict[str, int]) -> dict[int, float]:
     """Answer index -> min(#annotators who gave it / 3, 1), over the normalised answers."""
-    from data_pipeline.answers import normalize_answer
-
     counts = Counter(normalize_answer(a) for a in answers)
     return {vocab[a]: min(n / 3.0, 1.0) for a, n in counts.items() if a in vocab}
 
