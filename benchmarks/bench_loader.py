@@ -34,7 +34,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
-from pixelbert_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD, decode_resize, resized_size  # noqa: E402
+from pixelbert_dist.data.batch import decode_resize, resized_size  # noqa: E402
 from pixelbert_dist.model import pad_images  # noqa: E402
 
 COCO_SIZES = [(640, 480), (480, 640), (640, 427), (612, 612), (500, 375), (640, 360)]  # as bench_sharding
@@ -73,7 +73,7 @@ def torchvision_method(short: int, long: int, device: str) -> Method:
         for image in decoded:
             size = list(resized_size(*image.shape[-2:], short, long))
             image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-            images.append(TF.normalize(image.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD))
+            images.append(image)
         return pad_images(images)
     return run
 
@@ -121,7 +121,7 @@ def grey_level_gap(batch: Batch, reference: Batch) -> tuple[float, float]:
     images, mask = batch[0].cpu(), batch[1].cpu()
     if images.shape != reference[0].shape or not torch.equal(mask, reference[1]):
         return float("nan"), float("nan")
-    gap = ((images - reference[0]).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+    gap = (images.float() - reference[0].float()).abs()
     gap = gap.permute(1, 0, 2, 3)[:, mask]
     return gap.max().item(), gap.mean().item()
 

@@ -174,7 +174,7 @@ def _plain_step(model, cfg: PretrainConfig, device, world: int):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return forward, lambda loss: loss.backward(), step, torch.float32
+    return forward, lambda loss: loss.backward(), step
 
 
 def _deepspeed_step(model, cfg: PretrainConfig, world: int):
@@ -187,9 +187,7 @@ def _deepspeed_step(model, cfg: PretrainConfig, world: int):
     scheduler = build_lr_schedule(optimizer, cfg.optim, steps_per_epoch=1000)
     ds_config = deepspeed_config(cfg, world)
     engine = build_engine(model, optimizer, scheduler, ds_config)
-    # as train.py: DeepSpeed holds bf16 weights (fp32 master copy in the optimizer); images follow
-    images = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    return engine, engine.backward, engine.step, images
+    return engine, engine.backward, engine.step
 
 
 def _run(settings: Settings, case: Case, device, micro_batch: int) -> dict:
@@ -203,9 +201,9 @@ def _run(settings: Settings, case: Case, device, micro_batch: int) -> dict:
     model = PixelBert(cfg.model).train()
     flops = _flops_per_sample(model, settings, device)
     if case.engine == "plain":
-        forward, backward, step, image_dtype = _plain_step(model, cfg, device, world)
+        forward, backward, step = _plain_step(model, cfg, device, world)
     else:
-        forward, backward, step, image_dtype = _deepspeed_step(model, cfg, world)
+        forward, backward, step = _deepspeed_step(model, cfg, world)
     source = (_from_shards(settings, cfg, micro_batch, rank, world) if case.data == "loader"
               else _synthetic(settings, micro_batch))
     peak = device_peak(settings.precision, device)
@@ -217,7 +215,6 @@ def _run(settings: Settings, case: Case, device, micro_batch: int) -> dict:
                 timer.reset()  # warm-up steps (allocations, optimizer state, loader start) not timed
             with timer.phase("data"):
                 batch = next(source).to(device)
-                batch.images = batch.images.to(image_dtype)
             with timer.phase("forward"):
                 out = forward(batch)
             with timer.phase("backward"):

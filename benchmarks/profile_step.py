@@ -49,7 +49,7 @@ def main() -> None:
 
     padded = synthetic_batch(30522, args.micro_batch, (800, 1333), 40).to("cuda")
     padded.pixel_mask[0, 600:, :] = False  # one image shorter: hooks active
-    padded.images[0, :, 600:, :] = 0
+    padded.images[0, :, 600:, :] = 0  # uint8 zero padding, as pad_images leaves it
     timed(batch, "no padding (hooks idle)")
     timed(padded, "padded batch (hooks active)")
     model.visual.cnn = model.visual.cnn.to(memory_format=torch.channels_last)

@@ -1,8 +1,8 @@
 """Evaluation of the downstream tasks, split over ranks: VQA accuracy, NLVR2 accuracy, Recall@K.
 
     pairs = read_pairs(Manifest("s3://bucket/vqa-val"))    # every (image, text, target)
-    vqa(model, builder, pairs, device, dtype, batch_size)  # {"vqa_accuracy": ..}, predictions
-    retrieval(model, pairs, tokenizer, data_cfg, device, dtype, batch_size)  # recalls, timing
+    vqa(model, builder, pairs, device, batch_size)  # {"vqa_accuracy": ..}, predictions
+    retrieval(model, pairs, tokenizer, data_cfg, device, batch_size)  # recalls, timing
 
 Every rank runs the same number of forward passes (a short rank repeats its last batch and
 drops the result): under ZeRO-3 each forward gathers parameters collectively, and a rank
@@ -110,7 +110,7 @@ def _even_chunks(items: list, size: int, rank: int, world: int) -> Iterator[tupl
 # ---------------------------------------------------------------------------- classification tasks
 
 @torch.no_grad()
-def classify(model, builder, pairs: list[Pair], device, dtype, batch_size: int) -> tuple[list[Pair], Tensor]:
+def classify(model, builder, pairs: list[Pair], device, batch_size: int) -> tuple[list[Pair], Tensor]:
     """Logits of this rank's share of `pairs` (all ranks take part); returns (pairs, logits)."""
     rank, world = distributed.rank_and_world()
     model.eval()
@@ -118,7 +118,6 @@ def classify(model, builder, pairs: list[Pair], device, dtype, batch_size: int) 
     generator = torch.Generator().manual_seed(0)
     for chunk, padding in _even_chunks(pairs, batch_size, rank, world):
         batch = builder(chunk, [builder.image(p) for p in chunk], generator).to(device)
-        batch.images = batch.images.to(dtype)
         batch.labels = None
         logits = model(batch).logits.float().cpu()
         if not padding:
@@ -127,10 +126,10 @@ def classify(model, builder, pairs: list[Pair], device, dtype, batch_size: int) 
     return done, torch.cat(outputs) if outputs else torch.zeros(0)
 
 
-def vqa(model, builder, pairs: list[Pair], answers: list[str], device, dtype, batch_size: int
+def vqa(model, builder, pairs: list[Pair], answers: list[str], device, batch_size: int
         ) -> tuple[dict[str, float], list[dict]]:
     """VQA accuracy (official metric) over all ranks, and every question's predicted answer."""
-    mine, logits = classify(model, builder, pairs, device, dtype, batch_size)
+    mine, logits = classify(model, builder, pairs, device, batch_size)
     predictions = [{"question_id": p.target.get("question_id"), "answer": answers[i]}
                    for p, i in zip(mine, logits.argmax(-1).tolist())]
     scored = [(vqa_accuracy(pred["answer"], p.target["answers"])) for p, pred in zip(mine, predictions)
@@ -142,8 +141,8 @@ def vqa(model, builder, pairs: list[Pair], answers: list[str], device, dtype, ba
     return metrics, all_predictions
 
 
-def nlvr2(model, builder, pairs: list[Pair], device, dtype, batch_size: int) -> dict[str, float]:
-    mine, logits = classify(model, builder, pairs, device, dtype, batch_size)
+def nlvr2(model, builder, pairs: list[Pair], device, batch_size: int) -> dict[str, float]:
+    mine, logits = classify(model, builder, pairs, device, batch_size)
     truth = torch.tensor([int(p.target["label"]) for p in mine], dtype=torch.long)
     correct, count = _sum_over_ranks([float((logits.argmax(-1) == truth).sum()) if len(mine) else 0.0, len(mine)])
     return {"nlvr2_accuracy": 100.0 * correct / max(count, 1), "examples": count}
@@ -160,7 +159,7 @@ def _sum_over_ranks(values: list[float]) -> list[float]:
 
 @torch.no_grad()
 def retrieval(visual_tokens: Callable, match_scores: Callable, pairs: list[Pair], tokenizer, data: DataConfig,
-              device, dtype, batch_size: int, folds: int = 1) -> dict[str, float]:
+              device, batch_size: int, folds: int = 1) -> dict[str, float]:
     """Full cross-encoder ranking: every image against every caption of `pairs`.
 
     Images are split over ranks; each rank decodes its images and runs the CNN once per image
@@ -183,7 +182,7 @@ def retrieval(visual_tokens: Callable, match_scores: Callable, pairs: list[Pair]
     for chunk, padding in _even_chunks(keys, batch_size, rank, world):
         images = [decode_resize(jpegs[k], data.image_short_side, data.image_long_side) for k in chunk]
         pixels, mask = pad_images(images)
-        tokens, token_mask = visual_tokens(pixels.to(device, dtype), mask.to(device))
+        tokens, token_mask = visual_tokens(pixels.to(device), mask.to(device))
         if not padding:
             cached.extend((tokens[i:i + 1], token_mask[i:i + 1]) for i in range(len(chunk)))
             owned += len(chunk)
@@ -192,7 +191,7 @@ def retrieval(visual_tokens: Callable, match_scores: Callable, pairs: list[Pair]
     for i in range(share):
         tokens, token_mask = cached[min(i, len(cached) - 1)] if cached else (None, None)
         if tokens is None:  # this rank owns no image: it still joins every forward pass
-            tokens, token_mask = visual_tokens(*_blank_image(device, dtype))
+            tokens, token_mask = visual_tokens(*_blank_image(device))
         for first in range(0, len(pairs), batch_size):
             last = min(first + batch_size, len(pairs))
             n = last - first
@@ -208,9 +207,9 @@ def retrieval(visual_tokens: Callable, match_scores: Callable, pairs: list[Pair]
     return metrics
 
 
-def _blank_image(device, dtype) -> tuple[Tensor, Tensor]:
+def _blank_image(device) -> tuple[Tensor, Tensor]:
     from pixelbert_dist.model import TOKEN_STRIDE
-    return (torch.zeros(1, 3, TOKEN_STRIDE, TOKEN_STRIDE, device=device, dtype=dtype),
+    return (torch.zeros(1, 3, TOKEN_STRIDE, TOKEN_STRIDE, device=device, dtype=torch.uint8),
             torch.ones(1, TOKEN_STRIDE, TOKEN_STRIDE, dtype=torch.bool, device=device))
 
 

@@ -99,7 +99,7 @@ class TaskTrainer(Trainer):
         model = self.engine.module
         model.eval()
         builder = TaskBatchBuilder(self.tokenizer, cfg.data, task, self.answers)
-        args = (self.dist.device, self.dtype, task.eval_batch_size)
+        args = (self.dist.device, task.eval_batch_size)
         try:
             if task.name == "vqa":
                 metrics, predictions = evaluate.vqa(model, builder, self._eval_pairs, self.answers, *args)

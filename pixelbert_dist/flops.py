@@ -54,7 +54,7 @@ def synthetic_batch(vocab_size: int, batch_size: int, image_size: tuple[int, int
     mlm_labels = torch.full_like(input_ids, IGNORE_INDEX)
     mlm_labels[:, 1:-1:3] = input_ids[:, 1:-1:3]
     return PretrainBatch(
-        images=torch.randn(batch_size, 3, height, width, generator=gen),
+        images=torch.randint(0, 256, (batch_size, 3, height, width), generator=gen, dtype=torch.uint8),
         pixel_mask=torch.ones(batch_size, height, width, dtype=torch.bool),
         input_ids=input_ids,
         attention_mask=torch.ones(batch_size, text_len, dtype=torch.long),

@@ -5,7 +5,9 @@
     [CLS] w1..wn [SEP] v1..vk -> BERT encoder -> MLM head (words), ITM head ([CLS])
 
 The backbone has stride 32 and the pool doubles it: one visual token per 64x64 pixels.
-Images of different sizes are padded at the bottom and right and carry a pixel mask; padded
+Images arrive as uint8 pixels and are normalized here, on the model's device: a quarter of
+the bytes of float images between loader processes and over PCIe, and no float arithmetic
+in the loader. Images of different sizes are padded at the bottom and right and carry a pixel mask; padded
 activations are zeroed after every norm layer, so a valid token's features are the same as
 for the unpadded image, and padded tokens are never attended to or sampled.
 """
@@ -28,13 +30,15 @@ from pixelbert_dist.config import ModelConfig
 BACKBONE_STRIDE = 32
 TOKEN_STRIDE = 2 * BACKBONE_STRIDE  # the 2x2 max-pool after the 1x1 conv
 IGNORE_INDEX = -100
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet weights were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
 class PretrainBatch:
     """What the model consumes: padded images and tokenized, masked captions."""
 
-    images: Tensor          # (B, 3, H, W) float, normalized, zero where padded
+    images: Tensor          # (B, 3, H, W) uint8 RGB, zero where padded
     pixel_mask: Tensor      # (B, H, W) bool, True on real pixels (top-left aligned)
     input_ids: Tensor       # (B, T) long, [CLS] caption [SEP] [PAD]..., MLM-masked
     attention_mask: Tensor  # (B, T) long/bool, 1 on real tokens
@@ -71,6 +75,18 @@ def pad_images(images: list[Tensor], multiple: int = TOKEN_STRIDE) -> tuple[Tens
         canvas[i, :, :h, :w] = img
         mask[i, :h, :w] = True
     return canvas, mask
+
+
+def pixel_mask_from_sizes(sizes: Tensor, height: int, width: int) -> Tensor:
+    """(B, height, width) bool, True on each image's top-left h x w: pad_images' mask for `sizes` (B, 2)."""
+    rows = torch.arange(height, device=sizes.device) < sizes[:, :1]
+    cols = torch.arange(width, device=sizes.device) < sizes[:, 1:]
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def image_sizes(pixel_mask: Tensor) -> Tensor:
+    """(B, 2) long: the h, w of each image's valid region (the inverse of pixel_mask_from_sizes)."""
+    return torch.stack([pixel_mask.any(dim=2).sum(dim=1), pixel_mask.any(dim=1).sum(dim=1)], dim=1)
 
 
 # ---------------------------------------------------------------------------- backbone
@@ -159,6 +175,24 @@ class VisualEmbedding(nn.Module):
         for m in self.cnn.modules():
             if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
                 m.register_forward_hook(self._zero_padding)
+        # Plain tensors, not buffers: DeepSpeed casts a bf16 model's buffers, and the mean
+        # 123.675 would become 123.5. One fp32 copy per device, made on first use.
+        self._pixel_stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def normalize(self, images: Tensor, pixel_mask: Tensor) -> Tensor:
+        """uint8 pixels -> ImageNet-normalized values in the CNN's dtype, zero where padded."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"images must be uint8 pixels (0..255), not {images.dtype}; the model "
+                            f"normalizes them itself")
+        if images.device not in self._pixel_stats:
+            mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            self._pixel_stats[images.device] = (mean.to(images.device), std.to(images.device))
+        mean, std = self._pixel_stats[images.device]
+        # the same arithmetic as torchvision's to_dtype(scale=True) + normalize, in fp32
+        normalized = (images.float() / 255.0 - mean) / std
+        normalized = normalized.masked_fill(~pixel_mask.unsqueeze(1), 0.0)
+        return normalized.to(self.cnn.conv1.weight.dtype)
 
     def _mask_at(self, height: int, width: int) -> Tensor:
         # A stride-s conv with "same" padding yields ceil(h / s) outputs for h input rows:
@@ -184,10 +218,10 @@ class VisualEmbedding(nn.Module):
             self._pixel_mask = None
 
     def forward(self, images: Tensor, pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Return visual tokens (B, N, hidden) and their validity (B, N), N = cells of 64x64 px."""
+        """uint8 images -> visual tokens (B, N, hidden) and their validity (B, N), N = cells of 64x64 px."""
         images, pixel_mask = _pad_to_multiple(images, pixel_mask, TOKEN_STRIDE)
         _check_image_sizes(pixel_mask)
-        features = self.proj(self.cnn_features(images, pixel_mask))
+        features = self.proj(self.cnn_features(self.normalize(images, pixel_mask), pixel_mask))
         cell_mask = pixel_mask[:, ::BACKBONE_STRIDE, ::BACKBONE_STRIDE]
         # -inf outside the image so a pooling window on the border takes only valid cells.
         features = features.masked_fill(~cell_mask.unsqueeze(1), float("-inf"))
@@ -216,8 +250,7 @@ def _pad_to_multiple(images: Tensor, pixel_mask: Tensor, multiple: int) -> tuple
 
 
 def _check_image_sizes(pixel_mask: Tensor) -> None:
-    heights = pixel_mask.any(dim=2).sum(dim=1)
-    widths = pixel_mask.any(dim=1).sum(dim=1)
+    heights, widths = image_sizes(pixel_mask).unbind(dim=1)
     small = ((heights < TOKEN_STRIDE) | (widths < TOKEN_STRIDE)).nonzero().flatten().tolist()
     if small:
         i = small[0]

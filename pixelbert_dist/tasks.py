@@ -28,7 +28,7 @@ TASKS = ("vqa", "nlvr2", "retrieval")
 class TaskBatch:
     """Images (one row per distinct image) and the text sequences that look at them."""
 
-    images: Tensor          # (I, 3, H, W) normalized, zero where padded
+    images: Tensor          # (I, 3, H, W) uint8 RGB, zero where padded (the model normalizes)
     pixel_mask: Tensor      # (I, H, W) bool
     input_ids: Tensor       # (S, T) long: [CLS] text [SEP] [PAD]...
     attention_mask: Tensor  # (S, T)

@@ -27,7 +27,7 @@ from pixelbert_dist.distributed import DistInfo
 from pixelbert_dist.engine import build_engine, deepspeed_config
 from pixelbert_dist.flops import training_flops_per_sample
 from pixelbert_dist.metrics import StepTimer, device_peak
-from pixelbert_dist.model import PixelBert, PretrainBatch
+from pixelbert_dist.model import PixelBert
 from pixelbert_dist.optim import build_lr_schedule, build_optimizer
 from pixelbert_dist.tokenizer import load_tokenizer
 from pixelbert_dist.tracking import Tracker, flatten, run_tags
@@ -96,7 +96,6 @@ class Trainer:
         self.timer = StepTimer(flops, device_peak(cfg.train.precision).flops, dist_info.world_size,
                                device=dist_info.device)
         self.engine = build_engine(model, optimizer, scheduler, ds_config)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
         self.step = 0
         run_id = None
@@ -142,7 +141,7 @@ class Trainer:
         model.eval()
         try:
             metrics = evaluate.retrieval(model.visual, _itm_scorer(model), self._eval_pairs, self.tokenizer,
-                                         self.cfg.data, self.dist.device, self.dtype, batch_size=64)
+                                         self.cfg.data, self.dist.device, batch_size=64)
         finally:
             model.train()
         metrics = {f"zeroshot.{k}": v for k, v in metrics.items()}
@@ -187,11 +186,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _to_device(self, batch: PretrainBatch) -> PretrainBatch:
-        batch = batch.to(self.dist.device)
-        batch.images = batch.images.to(self.dtype)
-        return batch
-
     def train(self) -> dict[str, float]:
         """Train to train.epochs (or train.max_steps); returns the last logged metrics."""
         self._reset_window()
@@ -216,7 +210,7 @@ class Trainer:
             with timer.phase("data"):  # waiting for the loader, and the copy to the device
                 item = next(batches, None)
                 if item is not None:
-                    batch, info = self._to_device(item[0]), item[1]
+                    batch, info = item[0].to(self.dist.device), item[1]
             if not distributed.all_agree(item is not None):
                 return True
             with timer.phase("forward"):

@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,21 @@ def test_masking_does_not_reveal_the_itm_label(dataset):
     assert abs(sum(rates[0]) / len(rates[0]) - sum(rates[1]) / len(rates[1])) < 1.0
 
 
+def test_a_worker_process_hands_over_the_batches_made_in_process(dataset):
+    # batches cross from a worker in a compact form (loader._to_wire): nothing may change on the way
+    url, cfg = dataset
+    inline, _ = _run(url, cfg, world=1, workers=0, stop=6)
+    worker, _ = _run(url, cfg, world=1, workers=1, stop=6)
+    assert len(inline) == len(worker) == 6
+    for ((a, info_a),), ((b, info_b),) in zip(inline, worker):
+        assert info_a.pairs == info_b.pairs
+        for name, value in vars(a).items():
+            other = getattr(b, name)
+            assert (value is None and other is None) or (
+                torch.equal(value, other) and value.dtype == other.dtype), name
+    assert inline[0][0][0].images.dtype == torch.uint8 and not inline[0][0][0].pixel_mask.all()
+
+
 @pytest.mark.parametrize("stop", [3, 4])
 def test_resume_on_the_same_layout_continues_exactly_as_the_uninterrupted_run(dataset, stop):
     url, cfg = dataset
@@ -175,8 +191,8 @@ def test_the_dali_path_gives_the_cpu_paths_batches(dataset):
     for (batch_c, info_c), (batch_d, info_d) in zip((s[0] for s in cpu), (s[0] for s in dali)):
         assert info_c.pairs == info_d.pairs and torch.equal(batch_c.input_ids, batch_d.input_ids)
         assert torch.equal(batch_c.pixel_mask, batch_d.pixel_mask)
-        # resize filters differ (PIL bicubic vs DALI's): close, not equal, in normalized units
-        assert (batch_c.images - batch_d.images).abs().mean() < 0.05
+        # resize filters differ (PIL bicubic vs DALI's): close, not equal, in grey levels
+        assert (batch_c.images.float() - batch_d.images.float()).abs().mean() < 3
 
 
 @pytest.mark.parametrize("decoder", ["cpu", "dali"])
@@ -221,6 +237,20 @@ def test_a_missing_or_truncated_shard_is_named_before_training(dataset, tmp_path
     (broken / "000001.tar").write_bytes(data[:1000])
     with pytest.raises(StorageError, match="shard 000001.tar is 1000 bytes"):
         Manifest(str(broken)).check_shards_present()
+
+
+def test_a_worker_error_mid_epoch_reaches_the_training_loop_with_the_shard_named(dataset, tmp_path):
+    # shards checked at start, then one vanishes while the epoch runs (an object-store lifecycle rule, say)
+    url, cfg = dataset
+    copy = tmp_path / "shards"
+    shutil.copytree(url, copy)
+    loader = StreamingLoader(str(copy), cfg.data, 4, num_workers=1, seed=1)
+    for shard in loader.manifest.shards:
+        (copy / shard).unlink()
+    with pytest.raises(Exception, match=r"\d{6}\.tar"):
+        for _ in loader.epoch_batches():
+            pass
+    assert not [t for t in threading.enumerate() if t.name == "loader-receive"]  # the thread stopped
 
 
 def test_resize_rule():

@@ -13,7 +13,8 @@ from pixelbert_dist.model import (TOKEN_STRIDE, PixelBert, PretrainBatch, bert_c
 
 def _batch(vocab_size, sizes, text_len=10, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    images, mask = pad_images([torch.randn(3, h, w, generator=gen) for h, w in sizes])
+    images, mask = pad_images([torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8)
+                               for h, w in sizes])
     n = len(sizes)
     input_ids = torch.randint(5, vocab_size, (n, text_len), generator=gen)
     labels = torch.full_like(input_ids, -100)
@@ -54,7 +55,7 @@ def test_backbone_norms_frozen_by_default_and_trainable_as_an_option(tiny_cfg):
 
 
 def _tokens_and_mask(model, sizes):
-    images, mask = pad_images([torch.randn(3, h, w) for h, w in sizes])
+    images, mask = pad_images([torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in sizes])
     return model.visual(images, mask)
 
 
@@ -122,8 +123,8 @@ def test_model_samples_configured_count_in_training_and_all_tokens_in_eval(tiny_
 
 def test_padding_the_same_image_two_ways_gives_the_same_output_in_eval(tiny_cfg):
     model = PixelBert(tiny_cfg.model).eval()
-    image = torch.randn(3, 200, 290)
-    other = torch.randn(3, 320, 448)
+    image = torch.randint(0, 256, (3, 200, 290), dtype=torch.uint8)
+    other = torch.randint(0, 256, (3, 320, 448), dtype=torch.uint8)
     text = _batch(tiny_cfg.model.vocab_size, [(64, 64)] * 2)
     outputs = []
     for companions in ([], [other]):
@@ -135,6 +136,19 @@ def test_padding_the_same_image_two_ways_gives_the_same_output_in_eval(tiny_cfg)
             outputs.append(model(batch).pooled[0])
     assert outputs[0].shape == outputs[1].shape
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5), (outputs[0] - outputs[1]).abs().max()
+
+
+def test_the_model_normalizes_uint8_pixels_with_imagenet_statistics_and_refuses_floats(tiny_cfg):
+    from torchvision.transforms.v2 import functional as TF
+    model = PixelBert(tiny_cfg.model).eval()
+    small = torch.randint(0, 256, (3, 64, 100), dtype=torch.uint8)
+    images, mask = pad_images([small, torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)])
+    normalized = model.visual.normalize(images, mask)
+    expected = TF.normalize(small.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(normalized[0, :, :64, :100], expected)
+    assert normalized[0, :, 64:].abs().sum() == 0 and normalized[0, :, :, 100:].abs().sum() == 0
+    with pytest.raises(TypeError, match="uint8"):
+        model.visual(images.float(), mask)
 
 
 def test_image_smaller_than_one_token_cell_is_a_clear_error(tiny_cfg):

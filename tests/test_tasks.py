@@ -36,7 +36,7 @@ def _batch(images: int, sequences: int, image_index, labels=None) -> TaskBatch:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 40, (sequences, 7), generator=generator)
     ids[:, 0] = 2
-    return TaskBatch(torch.randn(images, 3, 128, 192, generator=generator),
+    return TaskBatch(torch.randint(0, 256, (images, 3, 128, 192), generator=generator, dtype=torch.uint8),
                      torch.ones(images, 128, 192, dtype=torch.bool), ids,
                      torch.ones(sequences, 7, dtype=torch.long), torch.as_tensor(image_index), labels)
 
@@ -165,7 +165,7 @@ def _scores_on(rank: int, world: int, port: int, out: dict) -> None:
     tokenizer = load_tokenizer(os.environ["PIXELBERT_TEST_VOCAB"])
     data = DataConfig(image_short_side=64, image_long_side=96, max_text_len=10)
     metrics = retrieval(model.visual_tokens, model.match_scores, _pairs(), tokenizer, data, "cpu",
-                        torch.float32, batch_size=3)
+                        batch_size=3)
     out[rank] = metrics
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -1,14 +1,13 @@
 """Stages 4-5 of the loader: decode and resize images on the CPU; tokenize, mask, batch.
 
 Resize rule (the paper's): scale so the shorter side is S, unless the longer side would
-exceed L; then normalize with ImageNet statistics and pad into one batch with pixel masks.
+exceed L; then pad into one uint8 batch with pixel masks. The model normalizes on its device.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import io
+from collections import OrderedDict
 
 import torch
 from PIL import Image
@@ -21,17 +20,13 @@ from pixelbert_dist.model import IGNORE_INDEX, PretrainBatch, pad_images
 from pixelbert_dist.targets import itm_caption_assignment, mask_tokens
 from pixelbert_dist.tokenizer import encode_captions, special_tokens
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def resized_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
     scale = min(short / min(height, width), long / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def decode_resize(jpeg: bytes, short: int, long: int) -> Tensor:
-    """(3, h, w) float image, normalized. Raises ValueError on an image that does not decode."""
+    """(3, h, w) uint8 RGB image. Raises ValueError on an image that does not decode."""
     try:
         image = Image.open(io.BytesIO(jpeg))
         height, width = resized_size(image.height, image.width, short, long)
@@ -39,7 +34,7 @@ def decode_resize(jpeg: bytes, short: int, long: int) -> Tensor:
         image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
     except Exception as err:  # PIL raises many types for a broken file
         raise ValueError(f"image does not decode: {err}") from None
-    return TF.normalize(TF.pil_to_tensor(image).float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+    return TF.pil_to_tensor(image)
 
 
 class BatchBuilder:

@@ -1,15 +1,16 @@
-"""Stage 4 of the loader on NVIDIA DALI: decode, resize, normalize and pad a batch in one pipeline.
+"""Stage 4 of the loader on NVIDIA DALI: decode, resize and pad a batch in one pipeline.
 
 A drop-in for `batch.decode_resize` on every image followed by `model.pad_images`:
 
     decoder = DaliImageDecoder(short_side=800, long_side=1333, max_batch_size=32, device_id=local_rank)
     images, pixel_mask, kept = decoder([pair.jpeg for pair in pairs])   # kept: indices that decoded
 
-Same output sizes as the CPU path (`resized_size`, computed here from the image header and fed
-to the pipeline, so no second rounding rule exists), same zero padding to a multiple of
-TOKEN_STRIDE, the same mask. Pixel values differ by a few grey levels: PIL decodes large
-downscales at 1/2..1/8 scale in the DCT domain and then resizes; DALI decodes at full size and
-resizes with an antialiased cubic filter (tests/test_dali_decode.py states the measured gap).
+Same output as the CPU path: uint8 pixels (the model normalizes), sizes by `resized_size`
+(computed here from the image header and fed to the pipeline, so no second rounding rule
+exists), zero padding to a multiple of TOKEN_STRIDE, the same mask. Pixel values differ by a
+few grey levels: PIL decodes large downscales at 1/2..1/8 scale in the DCT domain and then
+resizes; DALI decodes at full size and resizes with an antialiased cubic filter
+(tests/test_dali_decode.py states the measured gap).
 
 Encoded bytes come from our own streaming loader through `external_source`, so sharding,
 shuffling and resumption stay in one place; DALI only replaces the image arithmetic.
@@ -27,8 +28,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pixelbert_dist.data.batch import IMAGENET_MEAN, IMAGENET_STD, resized_size
-from pixelbert_dist.model import TOKEN_STRIDE
+from pixelbert_dist.data.batch import resized_size
+from pixelbert_dist.model import TOKEN_STRIDE, pixel_mask_from_sizes
 
 if TYPE_CHECKING:
     from nvidia.dali import Pipeline
@@ -66,17 +67,15 @@ def build_pipeline(max_batch_size: int, device_id: int | None, num_threads: int 
         # adjust_orientation=False above: the CPU path does not apply EXIF rotation either.
         # Cubic + antialias is the closest of DALI's filters to PIL's bicubic (linear: 2x the gap).
         images = fn.resize(images, size=sizes, interp_type=types.INTERP_CUBIC, antialias=True)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                          mean=[255 * m for m in IMAGENET_MEAN],
-                                          std=[255 * s for s in IMAGENET_STD])
+        images = fn.transpose(images, perm=[2, 0, 1])  # HWC -> CHW, still uint8
         # pad H and W to the batch maximum rounded up to `multiple`, top-left: pad_images' layout
-        images = fn.pad(images, axes=(1, 2), align=(multiple, multiple), fill_value=0.0)
+        images = fn.pad(images, axes=(1, 2), align=(multiple, multiple), fill_value=0)
         pipe.set_outputs(images)
     return pipe
 
 
 class DaliImageDecoder:
-    """Encoded images -> (images (B',3,H,W) float32, pixel_mask (B',H,W) bool, kept indices).
+    """Encoded images -> (images (B',3,H,W) uint8, pixel_mask (B',H,W) bool, kept indices).
 
     Outputs live on `cuda:device_id`, or on the CPU when device_id is None. Images that do not
     decode are dropped, logged and counted in `skipped`; `kept` lists the input indices that
@@ -113,7 +112,8 @@ class DaliImageDecoder:
             kept = [i for i in kept if self._decodes(i, jpegs[i], sizes[i])]
             images = self._run([jpegs[i] for i in kept], [sizes[i] for i in kept])
         self.skipped += len(jpegs) - len(kept)
-        return images, self._pixel_mask([sizes[i] for i in kept], images.shape[-2:]), kept
+        kept_sizes = torch.tensor([sizes[i] for i in kept], dtype=torch.long, device=self.device).view(-1, 2)
+        return images, pixel_mask_from_sizes(kept_sizes, *images.shape[-2:]), kept
 
     def _target_size(self, index: int, jpeg: bytes) -> tuple[int, int] | None:
         try:
@@ -134,24 +134,16 @@ class DaliImageDecoder:
 
     def _run(self, jpegs: list[bytes], sizes: list[tuple[int, int]]) -> Tensor:
         if not jpegs:
-            return torch.zeros(0, 3, 0, 0, device=self.device)
+            return torch.zeros(0, 3, 0, 0, dtype=torch.uint8, device=self.device)
         from nvidia.dali.plugin.pytorch import feed_ndarray
         (out,) = self._pipe.run(jpegs=[np.frombuffer(j, dtype=np.uint8) for j in jpegs],
                                 sizes=[np.asarray(s, dtype=np.float32) for s in sizes])
         dense = out.as_tensor()  # padded, so every sample has the same shape
         # A copy, not a DLPack view: DALI reuses its output buffer on the next run.
-        images = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+        images = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(dense, images, cuda_stream=stream)
         return images
-
-    def _pixel_mask(self, sizes: list[tuple[int, int]], shape: Sequence[int]) -> Tensor:
-        """True on each image's top-left h x w: what pad_images returns for the same sizes."""
-        heights = torch.tensor([h for h, _ in sizes], dtype=torch.long, device=self.device)
-        widths = torch.tensor([w for _, w in sizes], dtype=torch.long, device=self.device)
-        rows = torch.arange(shape[0], device=self.device) < heights[:, None]
-        cols = torch.arange(shape[1], device=self.device) < widths[:, None]
-        return rows[:, :, None] & cols[:, None, :]
 
 
 def resolve_decoder(choice: str) -> DecoderChoice:

@@ -18,15 +18,17 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pixelbert_dist.config import DataConfig
 from pixelbert_dist.data.batch import BatchBuilder, drop_images, image_rows
 from pixelbert_dist.data.dali_decode import resolve_decoder
+from pixelbert_dist.data.prefetch import in_background
 from pixelbert_dist.data.plan import Manifest, Segment, merge_ranges, remaining_segments, split_even
 from pixelbert_dist.data.stream import interleave, interleave_order
-from pixelbert_dist.model import PretrainBatch
+from pixelbert_dist.model import PretrainBatch, image_sizes
 from pixelbert_dist.tokenizer import load_tokenizer
 
 
@@ -49,7 +51,7 @@ class _PairBatches(IterableDataset):
         # a resume at step n, worker 0 must play the part of the worker whose turn it was.
         self.rotation = loader.plan_step % loader.num_workers_or_one
 
-    def __iter__(self) -> Iterator[tuple[PretrainBatch, BatchInfo]]:
+    def __iter__(self) -> Iterator[tuple[tuple, BatchInfo]]:  # (_to_wire(batch), info)
         info = get_worker_info()
         loader = self.loader
         worker = ((info.id if info is not None else 0) + self.rotation) % loader.num_workers_or_one
@@ -81,10 +83,47 @@ class _PairBatches(IterableDataset):
                 for shard, index in consumed:
                     ranges.setdefault(shard, []).append([index, index + 1])
                 jpegs = None if batch.images is not None else [pairs[i].jpeg for i in image_rows([p.key for p in pairs])[0]]
-                yield batch, BatchInfo([p.key for p in pairs], [(p.shard, p.index) for p in pairs],
+                yield _to_wire(batch), BatchInfo([p.key for p in pairs], [(p.shard, p.index) for p in pairs],
                                        {s: merge_ranges(r) for s, r in ranges.items()}, skipped,
                                        builder.truncated - truncated_before, jpegs)
                 pairs, images, consumed, skipped = [], [], [], 0
+
+
+def _to_wire(batch):
+    """A batch as it crosses from a loader worker: the images in shared memory, the rest by value.
+
+    DataLoader moves every tensor through shared memory, and the receiving process fetches each
+    one's handle from the worker over a socket: ~0.6 ms a tensor on two busy cores, most of the
+    data wait. The small text tensors are cheaper copied, and the mask is sent as image sizes.
+    """
+    fields = {}
+    for name, value in vars(batch).items():
+        if name == "pixel_mask" and value is not None:
+            value = ("sizes", image_sizes(value).numpy(), tuple(value.shape[-2:]))
+        elif name != "images" and isinstance(value, torch.Tensor):
+            value = value.numpy()
+        fields[name] = value
+    return type(batch), fields
+
+
+def _from_wire(item: tuple[tuple, BatchInfo]) -> tuple[PretrainBatch, BatchInfo]:
+    (kind, fields), info = item
+    for name, value in fields.items():
+        if name == "pixel_mask" and value is not None:
+            _, sizes, (height, width) = value
+            # numpy, single-threaded: a torch op this size would wait on its intra-op thread
+            # pool, whose threads compete with the loader workers for the same cores
+            rows = np.arange(height) < sizes[:, :1]
+            cols = np.arange(width) < sizes[:, 1:]
+            value = torch.from_numpy(rows[:, :, None] & cols[:, None, :])
+        elif isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        fields[name] = value
+    return kind(**fields), info
+
+
+def _as_made(item):
+    return item
 
 
 def _consumed_prefix(segments: list[Segment], order: list[int], consumed: dict[str, list[list[int]]]) -> int:
@@ -151,9 +190,15 @@ class StreamingLoader:
         parts, tag = self._parts()
         steps = self._full_batches(parts) - self.plan_step  # after a resume: the rest of the epoch
         dataset = _PairBatches(self, parts, tag)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+        # collate_fn: as made; the default would turn _to_wire's arrays back into shared tensors
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_made,
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
-        for step, (batch, info) in enumerate(loader):
+        # Both stop with this generator: the thread when `received` is closed, the DataLoader's
+        # workers when its iterator is collected, as it was before the thread existed.
+        received = map(_from_wire, iter(loader))
+        if self.num_workers:  # a thread takes each batch from the workers while the model computes
+            received = in_background(received, depth=2)
+        for step, (batch, info) in enumerate(received):
             if step >= steps:
                 break
             if info.jpegs is not None:
