@@ -24,3 +24,13 @@ def test_sharding_benchmark_quick_mode_writes_table_json_and_plot(tmp_path):
     assert set(tools) == {"baseline", "ours"}
     assert tools["ours"]["images"] == tools["baseline"]["images"] == 60
     assert "img2dataset: not installed, not measured" in md.read_text()
+
+
+def test_downstream_noise_bound_counts_images_and_captions_as_retrieval_queries():
+    from benchmarks.bench_downstream import noise
+    # 2 x sqrt(2 x 0.25 / 100) = 0.1414: two standard errors of a difference at p = 0.5, n = 100
+    assert noise({"questions": 100}) == pytest.approx(14.142, abs=1e-3)
+    assert noise({"examples": 100}) == noise({"questions": 100})
+    # r_mean = half image-query recalls (60), half caption-query recalls (300):
+    # 2 x sqrt(2 x (0.25 / 4) x (1/60 + 1/300)) = 2 x sqrt(0.0025) = 0.1
+    assert noise({"images": 60, "captions": 300}) == pytest.approx(10.0)
