@@ -82,6 +82,7 @@ def test_a_large_micro_batch_zero_case_is_compared_with_plain_at_the_same_micro_
         "plain-ws1-mb40": _run(plain_large, [4.0]), "zero2-ws1-mb40": _run(zero_large, [4.2])})}
     assert rows["zero2-ws1"]["vs_plain"] == pytest.approx(1.2)
     assert rows["zero2-ws1-mb40"]["vs_plain"] == pytest.approx(1.05)
+    assert rows["zero2-ws1-mb40"]["added_s"] == pytest.approx(0.2)
     assert rows["zero2-ws1-mb40"]["samples_per_s"] == pytest.approx(40 / 4.2)
 
 

@@ -196,7 +196,8 @@ def test_bf16_run_and_a_tracking_server_that_is_down(data, tmp_path):
     # DeepSpeed keeps buffers fp32 unless told, and the norms' statistics then break bf16 convs;
     # a tracking server that is down costs a warning, not the run
     port = _port()  # nothing listens here
-    done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, train__precision="bf16", train__micro_batch_size=8,
+    done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, train__precision="bf16", train__micro_batch_size=2,
+                              train__global_batch_size=2,
                               tracking__uri=f"http://127.0.0.1:{port}"), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MLflow start failed" in done.stderr and "training continues without tracking" in done.stderr

@@ -1,7 +1,7 @@
 """The streaming loader: shard list -> split -> read -> shuffle -> decode -> tokenize/mask -> batch.
 
     loader = StreamingLoader(manifest_url, cfg.data, batch_size, rank, world_size, seed)
-    for batch, keys in loader.epoch_batches():     # stops after loader.steps_per_epoch()
+    for batch, info in loader.epoch_batches():     # stops after loader.steps_per_epoch()
         ...
     loader.state_dict()  # {"epoch": 3, "consumed": {"000007.tar": [[0, 412]], ...}}
 
@@ -9,6 +9,9 @@ Each (rank, DataLoader worker) reads its own part of the epoch's unconsumed pair
 A batch carries the pair ranges it used up, bad samples included, and the state advances
 only when a batch reaches the trainer, so prefetched batches are never counted. The state
 of all ranks merged (`merge_states`) resumes exactly, on any number of ranks or workers.
+
+A batch crosses from its worker with only the uint8 images in shared memory (`_to_wire`), and
+a thread of the training process receives it while the model computes (prefetch.py).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pixelbert_dist.config import DataConfig
 from pixelbert_dist.data.batch import BatchBuilder, drop_images, image_rows
 from pixelbert_dist.data.dali_decode import resolve_decoder
-from pixelbert_dist.data.prefetch import in_background
 from pixelbert_dist.data.plan import Manifest, Segment, merge_ranges, remaining_segments, split_even
+from pixelbert_dist.data.prefetch import in_background
 from pixelbert_dist.data.stream import interleave, interleave_order
 from pixelbert_dist.model import PretrainBatch, image_sizes
 from pixelbert_dist.tokenizer import load_tokenizer
@@ -99,7 +102,7 @@ def _to_wire(batch):
     fields = {}
     for name, value in vars(batch).items():
         if name == "pixel_mask" and value is not None:
-            value = ("sizes", image_sizes(value).numpy(), tuple(value.shape[-2:]))
+            value = (image_sizes(value).numpy(), tuple(value.shape[-2:]))
         elif name != "images" and isinstance(value, torch.Tensor):
             value = value.numpy()
         fields[name] = value
@@ -110,9 +113,9 @@ def _from_wire(item: tuple[tuple, BatchInfo]) -> tuple[PretrainBatch, BatchInfo]
     (kind, fields), info = item
     for name, value in fields.items():
         if name == "pixel_mask" and value is not None:
-            _, sizes, (height, width) = value
-            # numpy, single-threaded: a torch op this size would wait on its intra-op thread
-            # pool, whose threads compete with the loader workers for the same cores
+            sizes, (height, width) = value
+            # model.pixel_mask_from_sizes in numpy: single-threaded, where a torch op this size
+            # would start its intra-op threads beside the training step's and the loader workers
             rows = np.arange(height) < sizes[:, :1]
             cols = np.arange(width) < sizes[:, 1:]
             value = torch.from_numpy(rows[:, :, None] & cols[:, None, :])
