@@ -7,9 +7,10 @@
 The backbone has stride 32 and the pool doubles it: one visual token per 64x64 pixels.
 Images arrive as uint8 pixels and are normalized here, on the model's device: a quarter of
 the bytes of float images between loader processes and over PCIe, and no float arithmetic
-in the loader. Images of different sizes are padded at the bottom and right and carry a pixel mask; padded
-activations are zeroed after every norm layer, so a valid token's features are the same as
-for the unpadded image, and padded tokens are never attended to or sampled.
+in the loader. Images of different sizes are padded at the bottom and right and carry a
+pixel mask; padded activations are zeroed after every norm layer, so a valid token's
+features are the same as for the unpadded image, and padded tokens are never attended to
+or sampled.
 """
 
 from __future__ import annotations

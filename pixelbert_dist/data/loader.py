@@ -54,7 +54,7 @@ class _PairBatches(IterableDataset):
         # a resume at step n, worker 0 must play the part of the worker whose turn it was.
         self.rotation = loader.plan_step % loader.num_workers_or_one
 
-    def __iter__(self) -> Iterator[tuple[tuple, BatchInfo]]:  # (_to_wire(batch), info)
+    def __iter__(self) -> Iterator[tuple]:  # (batch, info), the batch as _to_wire made it in a worker
         info = get_worker_info()
         loader = self.loader
         worker = ((info.id if info is not None else 0) + self.rotation) % loader.num_workers_or_one
@@ -86,7 +86,8 @@ class _PairBatches(IterableDataset):
                 for shard, index in consumed:
                     ranges.setdefault(shard, []).append([index, index + 1])
                 jpegs = None if batch.images is not None else [pairs[i].jpeg for i in image_rows([p.key for p in pairs])[0]]
-                yield _to_wire(batch), BatchInfo([p.key for p in pairs], [(p.shard, p.index) for p in pairs],
+                # only a worker's batch crosses a process boundary; in process it stays as made
+                yield _to_wire(batch) if info is not None else batch, BatchInfo([p.key for p in pairs], [(p.shard, p.index) for p in pairs],
                                        {s: merge_ranges(r) for s, r in ranges.items()}, skipped,
                                        builder.truncated - truncated_before, jpegs)
                 pairs, images, consumed, skipped = [], [], [], 0
@@ -198,9 +199,9 @@ class StreamingLoader:
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
         # Both stop with this generator: the thread when `received` is closed, the DataLoader's
         # workers when its iterator is collected, as it was before the thread existed.
-        received = map(_from_wire, iter(loader))
+        received = iter(loader)
         if self.num_workers:  # a thread takes each batch from the workers while the model computes
-            received = in_background(received, depth=2)
+            received = in_background(map(_from_wire, received), depth=2)
         for step, (batch, info) in enumerate(received):
             if step >= steps:
                 break
