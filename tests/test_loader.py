@@ -245,8 +245,8 @@ def test_a_worker_error_mid_epoch_reaches_the_training_loop_with_the_shard_named
     copy = tmp_path / "shards"
     shutil.copytree(url, copy)
     loader = StreamingLoader(str(copy), cfg.data, 4, num_workers=1, seed=1)
-    for shard in loader.manifest.shards:
-        (copy / shard).unlink()
+    for name in loader.manifest.shards:
+        (copy / name).unlink()
     with pytest.raises(Exception, match=r"\d{6}\.tar"):
         for _ in loader.epoch_batches():
             pass
