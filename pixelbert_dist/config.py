@@ -113,6 +113,8 @@ class DataConfig:
     """G captions of one image kept together in a batch: the CNN runs once for all G (SOHO: 4)."""
     decoder: Literal["cpu", "dali", "auto"] = "auto"
     """Image decode and resize: PIL in the loader workers, NVIDIA DALI (GPU), or DALI when a GPU is there."""
+    pad_multiple: int = 128
+    """Pad a batch's height and width up to a multiple of this (of 64): few shapes to autotune and compile."""
 
     def __post_init__(self) -> None:
         _require(self.max_text_len >= 3, f"data.max_text_len must be >= 3, got {self.max_text_len}")
@@ -125,6 +127,9 @@ class DataConfig:
                  f"data.itm_negative_fraction must be in [0, 1), got {self.itm_negative_fraction}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.open_shards >= 1, f"data.open_shards must be >= 1, got {self.open_shards}")
+        _require(self.pad_multiple > 0 and self.pad_multiple % 64 == 0,
+                 f"data.pad_multiple must be a positive multiple of 64 (one visual token cell), "
+                 f"got {self.pad_multiple}")
         _require(self.captions_per_image >= 1,
                  f"data.captions_per_image must be >= 1, got {self.captions_per_image}")
 
@@ -176,8 +181,10 @@ class TrainConfig:
     """Training precision; fills the DeepSpeed config."""
     grad_clip: float = 1.0
     """Gradient norm clip; 0 disables."""
-    activation_checkpointing: bool = False
-    """Recompute transformer layers in backward to save memory."""
+    activation_checkpointing: Literal["none", "transformer", "cnn", "all"] = "none"
+    """Recompute these layers' activations in backward instead of storing them: memory for time."""
+    compile: bool = False
+    """torch.compile the CNN trunk and each transformer layer (in place: names and checkpoints unchanged)."""
     seed: int = 42
     """Seed for model init, masking, ITM negatives, sampling and shard order."""
     max_steps: int = 0

@@ -40,6 +40,9 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
         if theirs is not None and theirs != value:
             raise ConfigError(f"{path}: {key}={json.dumps(ds[key])} conflicts with the run config "
                               f"({json.dumps(value)}); set it in the run config only")
+    if cfg.train.compile and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("train.compile: ZeRO-3 gathers each layer's weights in module hooks that compiled "
+                          "modules bypass; use deepspeed.zero_stage 0-2, or train.compile=false")
     zero = dict(ds.get("zero_optimization", {}))
     zero["stage"] = cfg.deepspeed.zero_stage  # the JSON's stage is a default; deepspeed.zero_stage decides
     if cfg.deepspeed.offload_optimizer:

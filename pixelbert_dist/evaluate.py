@@ -181,7 +181,7 @@ def retrieval(visual_tokens: Callable, match_scores: Callable, pairs: list[Pair]
     owned = 0
     for chunk, padding in _even_chunks(keys, batch_size, rank, world):
         images = [decode_resize(jpegs[k], data.image_short_side, data.image_long_side) for k in chunk]
-        pixels, mask = pad_images(images)
+        pixels, mask = pad_images(images, data.pad_multiple)
         tokens, token_mask = visual_tokens(pixels.to(device), mask.to(device))
         if not padding:
             cached.extend((tokens[i:i + 1], token_mask[i:i + 1]) for i in range(len(chunk)))

@@ -1,6 +1,6 @@
 """Pixel-BERT (Huang et al., 2020): a CNN's pixels and BERT's words in one transformer.
 
-    images -> ResNet -> 1x1 conv -> 2x2 max-pool -> visual tokens (+ semantic embedding)
+    images -> ResNet (backbone.py) -> 1x1 conv -> 2x2 max-pool -> visual tokens (+ semantic embedding)
     words  -> BERT embeddings
     [CLS] w1..wn [SEP] v1..vk -> BERT encoder -> MLM head (words), ITM head ([CLS])
 
@@ -8,9 +8,9 @@ The backbone has stride 32 and the pool doubles it: one visual token per 64x64 p
 Images arrive as uint8 pixels and are normalized here, on the model's device: a quarter of
 the bytes of float images between loader processes and over PCIe, and no float arithmetic
 in the loader. Images of different sizes are padded at the bottom and right and carry a
-pixel mask; padded activations are zeroed after every norm layer, so a valid token's
-features are the same as for the unpadded image, and padded tokens are never attended to
-or sampled.
+pixel mask; the trunk zeroes the padding wherever it could leak into a valid pixel, so a
+valid token's features are the same as for the unpadded image, and padded tokens are never
+attended to or sampled.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import BertConfig, BertForPreTraining
 from transformers.masking_utils import create_bidirectional_mask
 
-from pixelbert_dist.config import ModelConfig
+from pixelbert_dist.backbone import build_trunk
+from pixelbert_dist.config import ModelConfig, TrainConfig
 
 BACKBONE_STRIDE = 32
 TOKEN_STRIDE = 2 * BACKBONE_STRIDE  # the 2x2 max-pool after the 1x1 conv
@@ -90,77 +88,15 @@ def image_sizes(pixel_mask: Tensor) -> Tensor:
     return torch.stack([pixel_mask.any(dim=2).sum(dim=1), pixel_mask.any(dim=1).sum(dim=1)], dim=1)
 
 
-# ---------------------------------------------------------------------------- backbone
-
-class _WidthResNet(ResNet):
-    """torchvision's ResNet with chosen stage widths (its own __init__ fixes 64..512)."""
-
-    def __init__(self, block: type[nn.Module], blocks: list[int], widths: list[int],
-                 norm_layer: type[nn.Module]) -> None:
-        nn.Module.__init__(self)
-        self._norm_layer = norm_layer
-        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
-        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, widths[0], blocks[0])
-        self.layer2 = self._make_layer(block, widths[1], blocks[1], stride=2)
-        self.layer3 = self._make_layer(block, widths[2], blocks[2], stride=2)
-        self.layer4 = self._make_layer(block, widths[3], blocks[3], stride=2)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-
-def build_cnn(cfg: ModelConfig) -> ResNet:
-    """The ResNet trunk (stem + 4 stages) named as torchvision names it, without avgpool/fc."""
-    norm = nn.BatchNorm2d if cfg.train_backbone_norm else FrozenBatchNorm2d
-    if cfg.backbone == "resnet50":
-        weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2 if cfg.backbone_weights == "imagenet" else None
-        cnn = torchvision.models.resnet50(weights=weights, norm_layer=norm)
-    elif cfg.backbone == "resnext152_32x8d":
-        if cfg.backbone_weights == "imagenet":
-            raise ValueError("model.backbone_weights=imagenet: torchvision has no ImageNet weights for "
-                             "ResNeXt-152 32x8d; give a path to a converted state dict instead")
-        cnn = ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=8, norm_layer=norm)
-    else:
-        block = BasicBlock if cfg.backbone_block == "basic" else Bottleneck
-        cnn = _WidthResNet(block, cfg.backbone_blocks, cfg.backbone_widths, norm)
-    for head in ("avgpool", "fc"):  # classifier head: unused, and its weights would only load
-        if hasattr(cnn, head):
-            delattr(cnn, head)
-    if cfg.backbone_weights not in ("none", "imagenet"):
-        _load_backbone_file(cnn, cfg.backbone_weights)
-    return cnn
-
-
-def _load_backbone_file(cnn: ResNet, path: str) -> None:
-    """Load a torchvision-named ResNet state dict (.safetensors, or .pt read with weights_only)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        cnn.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"model.backbone_weights={path} does not fit model.backbone: {err}") from None
-
-
-def cnn_out_channels(cnn: ResNet) -> int:
-    last = cnn.layer4[-1]
-    return (last.conv3 if isinstance(last, Bottleneck) else last.conv2).out_channels
-
+# ---------------------------------------------------------------------------- visual tokens
 
 class VisualEmbedding(nn.Module):
     """Pixels -> visual tokens: CNN, 1x1 conv to the hidden size, 2x2 max-pool, semantic embedding."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cnn = build_cnn(cfg)
-        self.proj = nn.Conv2d(cnn_out_channels(self.cnn), cfg.hidden_size, kernel_size=1)
+        self.cnn = build_trunk(cfg)
+        self.proj = nn.Conv2d(self.cnn.out_channels, cfg.hidden_size, kernel_size=1)
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         self.semantic_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
         # BERT's text embeddings end in a LayerNorm; the visual tokens get one too, so both
@@ -172,10 +108,6 @@ class VisualEmbedding(nn.Module):
             self.col_embedding = nn.Parameter(torch.randn(cfg.max_visual_grid, cfg.hidden_size) * 0.02)
         else:
             self.row_embedding = self.col_embedding = None
-        self._pixel_mask: Tensor | None = None
-        for m in self.cnn.modules():
-            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-                m.register_forward_hook(self._zero_padding)
         # Plain tensors, not buffers: DeepSpeed casts a bf16 model's buffers, and the mean
         # 123.675 would become 123.5. One fp32 copy per device, made on first use.
         self._pixel_stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -196,28 +128,10 @@ class VisualEmbedding(nn.Module):
         normalized.masked_fill_(~pixel_mask.unsqueeze(1), 0.0)
         return normalized.to(self.cnn.conv1.weight.dtype)
 
-    def _mask_at(self, height: int, width: int) -> Tensor:
-        # A stride-s conv with "same" padding yields ceil(h / s) outputs for h input rows:
-        # exactly the rows where mask[::s] is True, so striding the pixel mask gives each level's mask.
-        stride = self._pixel_mask.shape[-2] // height
-        return self._pixel_mask[:, ::stride, ::stride][:, :height, :width]
-
-    def _zero_padding(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-        if self._pixel_mask is None:
-            return None
-        return output * self._mask_at(*output.shape[-2:]).unsqueeze(1).to(output.dtype)
-
     def cnn_features(self, images: Tensor, pixel_mask: Tensor | None = None) -> Tensor:
         """Stage-4 features (B, C, H/32, W/32), zero outside each image's valid region."""
-        cnn = self.cnn
-        self._pixel_mask = None if pixel_mask is None or bool(pixel_mask.all()) else pixel_mask
-        try:
-            x = cnn.maxpool(cnn.relu(cnn.bn1(cnn.conv1(images))))
-            if self._pixel_mask is not None:  # a pool window on the border leaks into the padding
-                x = self._zero_padding(cnn.maxpool, (), x)
-            return cnn.layer4(cnn.layer3(cnn.layer2(cnn.layer1(x))))
-        finally:
-            self._pixel_mask = None
+        unpadded = pixel_mask is None or bool(pixel_mask.all())  # then the trunk skips its masking
+        return self.cnn(images, None if unpadded else pixel_mask)
 
     def forward(self, images: Tensor, pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 images -> visual tokens (B, N, hidden) and their validity (B, N), N = cells of 64x64 px."""
@@ -356,3 +270,19 @@ class PixelBert(nn.Module):
         return PixelBertOutput(loss=mlm_loss + itm_loss, mlm_loss=mlm_loss, mlm_accuracy=mlm_accuracy,
                                itm_loss=itm_loss, itm_accuracy=itm_accuracy,
                                itm_logits=itm_logits, pooled=pooled)
+
+
+def prepare_for_training(model: "PixelBert", train: TrainConfig, device: torch.device) -> None:
+    """The training step's speed and memory options, applied in place (parameter names unchanged)."""
+    if train.activation_checkpointing in ("transformer", "all"):
+        model.bert.activation_checkpointing_enable()  # per layer, non-reentrant
+    model.visual.cnn.checkpoint_stages = train.activation_checkpointing in ("cnn", "all")
+    if device.type == "cuda":
+        model.visual.cnn.channels_last = True  # cuDNN's fastest conv kernels read NHWC
+        torch.backends.cudnn.benchmark = True  # autotuned once per canvas shape: data.pad_multiple keeps them few
+    if train.compile:
+        # Module.compile, not torch.compile(module): the modules stay where they are, so state-dict
+        # keys, checkpoints and DeepSpeed's per-parameter hooks see the same names and tensors.
+        model.visual.cnn.compile()
+        for layer in model.bert.encoder.layer:
+            layer.compile()

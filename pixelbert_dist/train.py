@@ -27,7 +27,7 @@ from pixelbert_dist.distributed import DistInfo
 from pixelbert_dist.engine import build_engine, deepspeed_config
 from pixelbert_dist.flops import training_flops_per_sample
 from pixelbert_dist.metrics import StepTimer, device_peak
-from pixelbert_dist.model import PixelBert
+from pixelbert_dist.model import PixelBert, prepare_for_training
 from pixelbert_dist.optim import build_lr_schedule, build_optimizer
 from pixelbert_dist.tokenizer import load_tokenizer
 from pixelbert_dist.tracking import Tracker, flatten, run_tags
@@ -81,8 +81,6 @@ class Trainer:
         model = self.build_model(pretrained=found is None)
         if elastic:
             checkpoint.load_weights_only(model, *found)
-        if cfg.train.activation_checkpointing:
-            model.bert.gradient_checkpointing_enable()
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_lr_schedule(optimizer, cfg.optim, steps_per_epoch)
         if elastic:
@@ -93,6 +91,8 @@ class Trainer:
                             "restored; optimizer moments restart", client["world_size"], dist_info.world_size)
         # MFU's numerator: counted once, at the configured image size (landscape, unpadded)
         flops = self.flops_per_sample(model)
+        # after the count: recomputed activations are not model FLOPs, and compiled kernels go uncounted
+        prepare_for_training(getattr(model, "body", model), cfg.train, dist_info.device)  # a task model's body
         self.timer = StepTimer(flops, device_peak(cfg.train.precision).flops, dist_info.world_size,
                                device=dist_info.device)
         self.engine = build_engine(model, optimizer, scheduler, ds_config)

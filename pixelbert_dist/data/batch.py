@@ -73,7 +73,7 @@ class BatchBuilder:
         mlm_labels[itm_labels == 0] = IGNORE_INDEX
         firsts, image_index = image_rows(keys)
         if isinstance(images[firsts[0]], Tensor):
-            pixels, pixel_mask = pad_images([images[i] for i in firsts])
+            pixels, pixel_mask = pad_images([images[i] for i in firsts], self.cfg.pad_multiple)
         else:  # still encoded: decoded on the GPU in the training process (dali_decode.py)
             pixels = pixel_mask = None
         return PretrainBatch(pixels, pixel_mask, input_ids, encoded.attention_mask, mlm_labels, itm_labels,

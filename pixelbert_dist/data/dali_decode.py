@@ -7,7 +7,7 @@ A drop-in for `batch.decode_resize` on every image followed by `model.pad_images
 
 Same output as the CPU path: uint8 pixels (the model normalizes), sizes by `resized_size`
 (computed here from the image header and fed to the pipeline, so no second rounding rule
-exists), zero padding to a multiple of TOKEN_STRIDE, the same mask. Pixel values differ by a
+exists), zero padding to the same multiple (data.pad_multiple), the same mask. Pixel values differ by a
 few grey levels: PIL decodes large downscales at 1/2..1/8 scale in the DCT domain and then
 resizes; DALI decodes at full size and resizes with an antialiased cubic filter
 (tests/test_dali_decode.py states the measured gap).
@@ -83,15 +83,15 @@ class DaliImageDecoder:
     """
 
     def __init__(self, short_side: int, long_side: int, max_batch_size: int, device_id: int | None,
-                 num_threads: int = 2) -> None:
-        self.short_side, self.long_side = short_side, long_side
+                 num_threads: int = 2, multiple: int = TOKEN_STRIDE) -> None:
+        self.short_side, self.long_side, self.multiple = short_side, long_side, multiple
         self.max_batch_size, self.device_id, self.num_threads = max_batch_size, device_id, num_threads
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.skipped = 0
         self._pipe = self._build()
 
     def _build(self) -> "Pipeline":
-        pipe = build_pipeline(self.max_batch_size, self.device_id, self.num_threads)
+        pipe = build_pipeline(self.max_batch_size, self.device_id, self.num_threads, self.multiple)
         pipe.build()
         return pipe
 

@@ -220,7 +220,7 @@ class StreamingLoader:
             from pixelbert_dist.data.dali_decode import DaliImageDecoder
             device = torch.cuda.current_device() if torch.cuda.is_available() else None
             self._dali = DaliImageDecoder(self.cfg.image_short_side, self.cfg.image_long_side,
-                                          self.batch_size, device)
+                                          self.batch_size, device, multiple=self.cfg.pad_multiple)
         batch.images, batch.pixel_mask, kept_rows = self._dali(info.jpegs)
         if len(kept_rows) < len(info.jpegs):
             batch, kept = drop_images(batch, kept_rows)

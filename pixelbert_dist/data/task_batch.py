@@ -61,13 +61,13 @@ class TaskBatchBuilder:
         index = torch.arange(len(pairs)) if index is None else index
         name = self.task.name
         if name == "nlvr2":  # image rows: left, right of each distinct pair; each sentence sees both
-            pixels, mask = pad_images([side for i in firsts for side in images[i]])
+            pixels, mask = pad_images([side for i in firsts for side in images[i]], self.cfg.pad_multiple)
             encoded = self._encode([p.caption for p in pairs], keys)
             sides = torch.stack([2 * index, 2 * index + 1], dim=1).flatten()
             labels = torch.tensor([_truth(p) for p in pairs], dtype=torch.long)
             return TaskBatch(pixels, mask, encoded.input_ids.repeat_interleave(2, 0),
                              encoded.attention_mask.repeat_interleave(2, 0), sides, labels)
-        pixels, mask = pad_images([images[i] for i in firsts])
+        pixels, mask = pad_images([images[i] for i in firsts], self.cfg.pad_multiple)
         if name == "vqa":
             encoded = self._encode([p.caption for p in pairs], keys)
             labels = torch.zeros(len(pairs), len(self.vocab))
