@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a bare single-GPU machine (H100/H200) that has torch,
-# torchvision and transformers but no network. Under 8 minutes: every step has a time limit.
+# torchvision and transformers but no network. Under 12 minutes: every step has a time limit.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [WHEEL_DIR]        # WHEEL_DIR defaults to .whl
 #
@@ -9,6 +9,8 @@
 #   2. benchmarks/bench_loader.py --num-images 128 --out OUT_DIR: the GPU rows (DALI mixed, nvJPEG) beside the CPU
 #      rows; without an importable nvidia.dali the DALI rows read "not measured" and nvJPEG still runs
 #   3. benchmarks/bench_train.py --gpu-check --out OUT_DIR, when that file exists
+#   4. benchmarks/bench_step.py --gpu: the training-step levers (fold, fused, channels_last,
+#      compile, buckets) side by side, and activation checkpointing at micro batch 16 and 32
 # Everything printed goes to OUT_DIR/gpu_check.log: one log file, because a device run brings
 # back at most 8 files and the loader benchmark writes 3 (loader_<gpu>_<date>.md/.json/.png).
 #
@@ -94,6 +96,12 @@ if [[ -f benchmarks/bench_train.py ]]; then
 else
     echo "benchmarks/bench_train.py does not exist: training check skipped"
 fi
+
+step "training-step levers"
+timeout --kill-after=10 300 $PY benchmarks/bench_step.py --gpu --checkpoint-batches 16,32 \
+    --rows today,+fold,+channels_last,+compile,all,zero2-today,zero2-all --out "$OUT"
+rc=$?
+[[ $rc -eq 0 ]] || { echo "bench_step.py failed (rc $rc; 124 = ran past its 300 s)"; status=1; }
 
 step "done (status $status); files in $OUT:"
 ls -l "$OUT"

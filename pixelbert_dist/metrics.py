@@ -117,10 +117,10 @@ def _best_matmul(device: torch.device, dtype: torch.dtype, size: int, warmup: in
         a @ b
     best, reps, spent = float("inf"), 0, 0.0
     while reps < min_reps or spent < budget_s:
-        _synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         a @ b
-        _synchronize(device)
+        synchronize(device)
         elapsed = time.perf_counter() - began
         best, reps, spent = min(best, elapsed), reps + 1, spent + elapsed
     return 2 * size**3 / best
@@ -184,7 +184,8 @@ def reset_peak_memory(device: torch.device | str | None = None) -> None:
         pass  # not Linux, or not allowed: the peak then runs from process start
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -232,13 +233,13 @@ class StepTimer:
             raise ValueError("'other' is the time outside all phases; pick another name")
         self._open = name
         if self.exact:
-            _synchronize(self.device)
+            synchronize(self.device)
         began = time.perf_counter()
         try:
             yield
         finally:
             if self.exact:
-                _synchronize(self.device)
+                synchronize(self.device)
             self.phase_totals[name] = self.phase_totals.get(name, 0.0) + time.perf_counter() - began
             self._open = None
 

@@ -159,6 +159,23 @@ def test_resume_reproduces_the_uninterrupted_run_and_2_ranks_resume_as_1(data, t
     assert Manifest(data[0]).total_pairs - len(seen) < 8
 
 
+@pytest.mark.slow
+def test_compiled_zero2_run_trains_on_the_eager_runs_losses(data, tmp_path):
+    # train.compile under the DeepSpeed engine (ZeRO-2's gradient hooks on compiled modules),
+    # frozen norms folded, canvases bucketed to 128 px. CNN widths 16..128: see test_step_options.
+    losses = {}
+    for compiled in (False, True):
+        workdir = tmp_path / f"compile-{compiled}"
+        done = _torchrun(1, _argv(data, workdir, train__max_steps=3, train__compile=compiled,
+                                  model__train_backbone_norm="false", model__backbone_widths="[16,32,64,128]",
+                                  data__pad_multiple=128, data__num_workers=0, train__micro_batch_size=4,
+                                  train__global_batch_size=4), workdir)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[compiled] = [r["loss"] for r in _pairs_log(workdir)]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
 def test_deepspeed_json_conflicts_and_shapes_are_named_before_training(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 1}}))
