@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.micro_batch or 4, 3, 5, "cpu")
         default_ckpt, rounds = "4,8", 2
     rounds = args.rounds or rounds
-    ckpt_batches = [int(x) for x in (args.checkpoint_batches or default_ckpt).split(",") if x]
+    ckpt_text = default_ckpt if args.checkpoint_batches is None else args.checkpoint_batches
+    ckpt_batches = [int(x) for x in ckpt_text.split(",") if x]
     rows = lever_rows(settings.micro_batch, ckpt_batches)
     if args.rows:
         wanted = set(args.rows.split(","))
