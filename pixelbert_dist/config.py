@@ -113,8 +113,8 @@ class DataConfig:
     """G captions of one image kept together in a batch: the CNN runs once for all G (SOHO: 4)."""
     decoder: Literal["cpu", "dali", "auto"] = "auto"
     """Image decode and resize: PIL in the loader workers, NVIDIA DALI (GPU), or DALI when a GPU is there."""
-    pad_multiple: int = 128
-    """Pad a batch's height and width up to a multiple of this (of 64): few shapes to autotune and compile."""
+    pad_multiple: int = 64
+    """Pad a batch's height and width up to a multiple of this (of 64); 128: fewer shapes, more padding."""
 
     def __post_init__(self) -> None:
         _require(self.max_text_len >= 3, f"data.max_text_len must be >= 3, got {self.max_text_len}")
