@@ -40,7 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, markdown_table, timed_step, write_results  # noqa: E402
 
 LEVERS = ("fold", "fused", "channels_last", "compile", "buckets")
 # An assumed mix of photo shapes (w, h, share), COCO-like: mostly 4:3 and 3:2 landscapes, a
@@ -167,15 +167,8 @@ def run_row(settings: Settings, row: Row) -> dict:
             timer.reset()
             timed_from = time.perf_counter()
             warmup_s = timed_from - began
-        batch = batches[i % len(batches)]
-        with timer.phase("forward"):
-            out = forward(batch)
-        with timer.phase("backward"):
-            backward(out.loss)
-        with timer.phase("optimizer"):
-            step()
+        out = timed_step(timer, forward, backward, step, batches[i % len(batches)])
         losses.append(out.loss.detach())  # read at the end: a .item() per step would stall a GPU's queue
-        timer.end_step(samples=batch.input_ids.shape[0])
     synchronize(device)
     step_s = (time.perf_counter() - timed_from) / settings.steps  # the device's rate, queue drained
     canvas = statistics.mean(b.images.shape[-2] * b.images.shape[-1] for b in batches)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, log_mlflow, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, log_mlflow, markdown_table, timed_step, write_results  # noqa: E402
 from pixelbert_dist.config import PretrainConfig, load_config  # noqa: E402
 
 TINY = "configs/pretrain/tiny-cpu.yaml"
@@ -219,13 +219,7 @@ def _run(settings: Settings, case: Case, device, micro_batch: int) -> dict:
                 timer.reset()  # warm-up steps (allocations, optimizer state, loader start) not timed
             with timer.phase("data"):
                 batch = next(source).to(device)
-            with timer.phase("forward"):
-                out = forward(batch)
-            with timer.phase("backward"):
-                backward(out.loss)
-            with timer.phase("optimizer"):
-                step()
-            timer.end_step(samples=batch.input_ids.shape[0])
+            timed_step(timer, forward, backward, step, batch)
     finally:
         source.close()  # stops a loader's worker processes now, not at garbage collection
     return {"case": case.label, **dataclasses.asdict(case), "case_micro_batch": case.micro_batch,

@@ -110,3 +110,15 @@ def log_mlflow(benchmark: str, out: Path, params: dict, rows: list[dict], target
     except Exception as err:  # tracking never fails a benchmark
         print(f"MLflow logging failed ({err}); results are in the files")
         return None
+
+
+def timed_step(timer, forward, backward, step, batch):
+    """One training step timed by phase (forward, backward, optimizer) on `timer`; the model's output."""
+    with timer.phase("forward"):
+        out = forward(batch)
+    with timer.phase("backward"):
+        backward(out.loss)
+    with timer.phase("optimizer"):
+        step()
+    timer.end_step(samples=batch.input_ids.shape[0])
+    return out
