@@ -31,7 +31,7 @@ from data_pipeline.shard_format import (FORMAT, JOB, MANIFEST, ShardResult, Shar
                                         index_name, is_job_file, shard_name, stats_name)
 from data_pipeline.sources import Record, SourceError, SourceSpec, read_records
 from data_pipeline.storage import Storage, StorageError, open_storage, read_uri, sha256_of, spool_dir
-from pixelbert_dist.version import code_version
+from data_pipeline.version import code_version
 
 log = logging.getLogger("data_pipeline.shard")
 MAX_EXAMPLES = 20  # skipped samples named per shard, so a bad input can be found
@@ -284,7 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.shard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", action="append", required=True,
-                        help="KIND:option=value,... (repeat to combine sources); see data_pipeline/sources.py")
+                        help="KIND:option=value,... (repeat to combine sources); see data_pipeline/sources/")
     parser.add_argument("--out", required=True, help="local folder or s3://bucket/prefix")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples (images) per shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")

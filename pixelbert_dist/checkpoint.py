@@ -1,5 +1,11 @@
 """Checkpoints: DeepSpeed's own save/load plus our client state, a completion marker, keep-last-K.
 
+    checkpointer = Checkpointer(cfg.checkpoint, dist_info, resume="auto", seed=cfg.train.seed)
+    model = build(pretrained=not checkpointer.resuming); checkpointer.prepare_model(model)
+    checkpointer.bind(engine, scheduler, loader, train_state, run_config)
+    checkpointer.load_latest()                      # at the start of train(): step, data, RNG, weights
+    checkpointer.save(step)                         # every rank; a no-op if `step` is already saved
+
     checkpoints/step00000100/...                DeepSpeed files (model, ZeRO optimizer partitions)
     checkpoints/step00000100/client_state.json  step, loader position, RNG, MLflow run, config
     checkpoints/step00000100/complete.json      written by rank 0 after every rank has saved
@@ -22,14 +28,22 @@ optimizer moments, with a warning.
 from __future__ import annotations
 
 import json
+import logging
+import random
 import re
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from data_pipeline.storage import Storage, open_storage
 from pixelbert_dist import distributed
+from pixelbert_dist.config import CheckpointConfig
+from pixelbert_dist.data.loader import merge_states
+from pixelbert_dist.distributed import DistInfo
+
+log = logging.getLogger("pixelbert_dist.checkpoint")
 
 COMPLETE = "complete.json"
 CLIENT_STATE = "client_state.json"
@@ -151,3 +165,92 @@ def load_weights_only(model, root: Path, tag: str) -> None:
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint {root / tag} does not fit this model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+
+
+class Checkpointer:
+    """Owns a run's checkpoints: finding the one to resume, what one holds, saving, pruning, mirroring.
+
+    A checkpoint holds the engine (model, optimizer, schedule: DeepSpeed's files), the data
+    position of all ranks merged, each rank's RNG, the bound train state (step, MLflow run)
+    and the resolved run config.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, dist_info: DistInfo, resume: str | None, seed: int) -> None:
+        self.cfg, self.dist, self.seed = cfg, dist_info, seed
+        if cfg.mirror:
+            if dist_info.is_main:
+                open_storage(cfg.mirror).check_writable()  # a missing bucket: before any step
+            if resume == "auto":
+                pull_newest(cfg.dir, cfg.mirror, dist_info.local_rank)
+        self.found = resolve(resume, cfg.dir)
+        self.client = read_client_state(*self.found) if self.found else None
+        # A checkpoint of another number of ranks: ZeRO's optimizer partitions do not fit
+        self.elastic = self.client is not None and self.client["world_size"] != dist_info.world_size
+        self.last_saved: int | None = None
+
+    @property
+    def resuming(self) -> bool:
+        """A checkpoint will overwrite the weights: the model need not load pre-trained ones."""
+        return self.found is not None
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Before the engine wraps `model`: an elastic resume's consolidated fp32 weights go in
+        now, while the parameters are whole (ZeRO-3 partitions them when the engine is built)."""
+        if self.elastic:
+            load_weights_only(model, *self.found)
+
+    def bind(self, engine, scheduler, loader, train_state, run_config) -> None:
+        """What a checkpoint saves and restores; `train_state` has state_dict()/load_state_dict()."""
+        self.engine, self.scheduler, self.loader = engine, scheduler, loader
+        self.train_state, self.run_config = train_state, run_config
+
+    def load_latest(self) -> bool:
+        """Restore the checkpoint found at construction into the bound parts; False: a fresh start."""
+        if self.found is None:
+            return False
+        state = self.client
+        if self.elastic:
+            for _ in range(state["step"]):  # the weights went in before the engine; the schedule catches up
+                self.scheduler.step()
+            if self.dist.is_main:
+                log.warning("resuming %d ranks' checkpoint on %d: weights, schedule and data position are "
+                            "restored; optimizer moments restart", state["world_size"], self.dist.world_size)
+        else:
+            load(self.engine, *self.found)
+        self.train_state.load_state_dict(state)
+        self.loader.load_state_dict(state["loader"])
+        rng, rank = state.get("rng"), self.dist.rank
+        if rng and len(rng) == self.dist.world_size:  # same layout: each rank continues its own stream
+            torch.set_rng_state(torch.tensor(rng[rank]["torch"], dtype=torch.uint8))
+            random.setstate(_tuple_state(rng[rank]["python"]))
+        else:
+            torch.manual_seed(self.seed + 1000 * state["step"] + rank)
+        self.last_saved = state["step"]
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", self.found[0] / self.found[1], state["step"],
+                     self.loader.epoch)
+        return True
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.every_steps == 0
+
+    def save(self, step: int) -> str | None:
+        """Every rank calls this; the checkpoint's location (the mirror's URL if mirrored), or None
+        when `step` is already saved."""
+        if step == self.last_saved:
+            return None
+        rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate()}
+        client = {**self.train_state.state_dict(), "step": step, "epoch": self.loader.epoch,
+                  "loader": merge_states(distributed.gather_objects(self.loader.state_dict())),
+                  "rng": distributed.gather_objects(rng), "config": self.run_config}
+        path = save(self.engine, self.cfg.dir, step, client, self.cfg.keep_last, self.dist.is_main)
+        self.last_saved = step
+        if not self.cfg.mirror:
+            return str(path.resolve())
+        push(self.cfg.dir, path.name, self.cfg.mirror, self.cfg.keep_last)
+        return f"{self.cfg.mirror.rstrip('/')}/{path.name}"
+
+
+def _tuple_state(state):
+    """random.getstate() as JSON made it (lists) back into the tuples random.setstate wants."""
+    return tuple(_tuple_state(s) if isinstance(s, list) else s for s in state)

@@ -2,7 +2,9 @@
 
 torchrun and the deepspeed launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; Ray
 Train sets them too (its TorchTrainer has already made the group). One process with none of
-them is a world of one. CPU-only machines use gloo, GPUs NCCL.
+them is a world of one. CPU-only machines use gloo; on GPUs, CUDA tensors go over NCCL and
+CPU tensors (the per-step "does every rank have a batch" vote, gathered Python objects) over
+gloo, so those small collectives never wait for the GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     launcher: str
+    """Who started the processes: single, torchrun, deepspeed or ray (a tag of the MLflow run)."""
 
     @property
     def is_main(self) -> bool:
@@ -30,8 +33,7 @@ class DistInfo:
 
 
 def detect_launcher() -> str:
-    if os.environ.get("PIXELBERT_LAUNCHER"):
-        return os.environ["PIXELBERT_LAUNCHER"]
+    """The launcher that set this process's environment (Ray's is passed in, see init)."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         return "torchrun"
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:
@@ -39,8 +41,11 @@ def detect_launcher() -> str:
     return "single"
 
 
-def init() -> DistInfo:
-    """Join (or make) the process group; DeepSpeed's init reuses one that exists."""
+def init(launcher: str | None = None) -> DistInfo:
+    """Join (or make) the process group; DeepSpeed's init reuses one that exists.
+
+    `launcher`: who started us, when the environment cannot tell (Ray Train's workers).
+    """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     import deepspeed
@@ -50,14 +55,13 @@ def init() -> DistInfo:
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
                           WORLD_SIZE="1", LOCAL_RANK="0")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)  # wraps a group Ray Train already made
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(local_rank)  # before the group: NCCL binds to the current device
+        device, backend = torch.device("cuda", local_rank), "cpu:gloo,cuda:nccl"
     else:
-        device = torch.device("cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, detect_launcher())
+        device, backend = torch.device("cpu"), "gloo"
+    deepspeed.init_distributed(dist_backend=backend)  # wraps a group Ray Train already made
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher or detect_launcher())
 
 
 def all_agree(flag: bool) -> bool:

@@ -36,7 +36,8 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
     for key, value in ours.items():
         theirs = ds.get(key)
         if isinstance(value, dict) and isinstance(theirs, dict):
-            theirs = {k: v for k, v in theirs.items() if k in value}
+            # only the keys we set can conflict: {"bf16": {"check_grad_overflow": false}} is the JSON's own
+            theirs = {k: v for k, v in theirs.items() if k in value} or None
         if theirs is not None and theirs != value:
             raise ConfigError(f"{path}: {key}={json.dumps(ds[key])} conflicts with the run config "
                               f"({json.dumps(value)}); set it in the run config only")

@@ -1,8 +1,14 @@
-"""Evaluation of the downstream tasks, split over ranks: VQA accuracy, NLVR2 accuracy, Recall@K.
+"""Evaluation split over ranks: one Evaluator interface, the inference loops that feed it, the metrics.
 
-    pairs = read_pairs(Manifest("s3://bucket/vqa-val"))    # every (image, text, target)
-    vqa(model, builder, pairs, device, batch_size)  # {"vqa_accuracy": ..}, predictions
-    retrieval(model, pairs, tokenizer, data_cfg, device, batch_size)  # recalls, timing
+    pairs = read_pairs(Manifest("s3://bucket/vqa-val"))         # every (image, text, target)
+    with inference_context(model):                              # eval mode, no graph; restored after
+        metrics = run(evaluator, classify(model, builder, pairs, device, batch_size))
+    retrieval(visual_tokens, match_scores, pairs, tokenizer, data_cfg, device, batch_size)  # Recall@K
+
+An evaluator (detectron2's DatasetEvaluator) is reset, fed (inputs, outputs) of this rank's
+batches, and reduces over ranks in `result()`. The task evaluators live with their task
+(tasks/vqa.py, tasks/nlvr2.py); Recall@K is here because pre-training's zero-shot check
+and the retrieval task both rank with it.
 
 Every rank runs the same number of forward passes (a short rank repeats its last batch and
 drops the result): under ZeRO-3 each forward gathers parameters collectively, and a rank
@@ -13,7 +19,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -24,7 +32,7 @@ from pixelbert_dist.config import DataConfig
 from pixelbert_dist.data.batch import decode_resize
 from pixelbert_dist.data.plan import Manifest, Segment
 from pixelbert_dist.data.stream import Pair, read_segment
-from pixelbert_dist.model import pad_images
+from pixelbert_dist.data.types import TOKEN_STRIDE, pad_images
 from pixelbert_dist.tokenizer import encode_captions
 
 RECALL_AT = (1, 5, 10)
@@ -107,115 +115,140 @@ def _even_chunks(items: list, size: int, rank: int, world: int) -> Iterator[tupl
             yield (batches[-1] if batches else items[:size]), True
 
 
-# ---------------------------------------------------------------------------- classification tasks
+# ---------------------------------------------------------------------------- the interface
 
-@torch.no_grad()
-def classify(model, builder, pairs: list[Pair], device, batch_size: int) -> tuple[list[Pair], Tensor]:
-    """Logits of this rank's share of `pairs` (all ranks take part); returns (pairs, logits)."""
-    rank, world = distributed.rank_and_world()
+class Evaluator(Protocol):
+    """Accumulates this rank's outputs; `result()` reduces over all ranks (every rank calls it)."""
+
+    def reset(self) -> None: ...
+
+    def process(self, inputs, outputs) -> None: ...
+
+    def result(self) -> dict[str, float]: ...
+
+
+@contextmanager
+def inference_context(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd graph inside; the model's previous mode restored after."""
+    was_training = model.training
     model.eval()
-    done, outputs = [], []
-    generator = torch.Generator().manual_seed(0)
-    for chunk, padding in _even_chunks(pairs, batch_size, rank, world):
-        batch = builder(chunk, [builder.image(p) for p in chunk], generator).to(device)
-        batch.labels = None
-        logits = model(batch).logits.float().cpu()
-        if not padding:
-            done.extend(chunk)
-            outputs.append(logits)
-    return done, torch.cat(outputs) if outputs else torch.zeros(0)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
-def vqa(model, builder, pairs: list[Pair], answers: list[str], device, batch_size: int
-        ) -> tuple[dict[str, float], list[dict]]:
-    """VQA accuracy (official metric) over all ranks, and every question's predicted answer."""
-    mine, logits = classify(model, builder, pairs, device, batch_size)
-    predictions = [{"question_id": p.target.get("question_id"), "answer": answers[i]}
-                   for p, i in zip(mine, logits.argmax(-1).tolist())]
-    scored = [(vqa_accuracy(pred["answer"], p.target["answers"])) for p, pred in zip(mine, predictions)
-              if p.target.get("answers")]
-    total, count = _sum_over_ranks([sum(scored), len(scored)])
-    all_predictions = [p for part in distributed.gather_objects(predictions) for p in part]
-    metrics = {"vqa_accuracy": 100.0 * total / count} if count else {}
-    metrics["questions"] = float(len(all_predictions))
-    return metrics, all_predictions
+def run(evaluator: Evaluator, outputs: Iterable[tuple]) -> dict[str, float]:
+    """Feed `evaluator` every (inputs, outputs) of this rank, then reduce over ranks."""
+    evaluator.reset()
+    for inputs, out in outputs:
+        evaluator.process(inputs, out)
+    return evaluator.result()
 
 
-def nlvr2(model, builder, pairs: list[Pair], device, batch_size: int) -> dict[str, float]:
-    mine, logits = classify(model, builder, pairs, device, batch_size)
-    truth = torch.tensor([int(p.target["label"]) for p in mine], dtype=torch.long)
-    correct, count = _sum_over_ranks([float((logits.argmax(-1) == truth).sum()) if len(mine) else 0.0, len(mine)])
-    return {"nlvr2_accuracy": 100.0 * correct / max(count, 1), "examples": count}
-
-
-def _sum_over_ranks(values: list[float]) -> list[float]:
+def sum_over_ranks(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 
 
+# ---------------------------------------------------------------------------- classification tasks
+
+def classify(model, builder, pairs: list[Pair], device, batch_size: int) -> Iterator[tuple[list[Pair], Tensor]]:
+    """(pairs, logits) of this rank's share of `pairs`, batch by batch (all ranks take part)."""
+    rank, world = distributed.rank_and_world()
+    generator = torch.Generator().manual_seed(0)
+    for chunk, padding in _even_chunks(pairs, batch_size, rank, world):
+        batch = builder(chunk, [builder.image(p) for p in chunk], generator).to(device)
+        batch.labels = None
+        logits = model(batch).logits.float().cpu()
+        if not padding:
+            yield chunk, logits
+
+
 # ---------------------------------------------------------------------------- retrieval
 
-@torch.no_grad()
-def retrieval(visual_tokens: Callable, match_scores: Callable, pairs: list[Pair], tokenizer, data: DataConfig,
-              device, batch_size: int, folds: int = 1) -> dict[str, float]:
-    """Full cross-encoder ranking: every image against every caption of `pairs`.
+class RecallAtK:
+    """Recall@K of a full ranking, fed rows of (image row indices, their scores against every caption)."""
+
+    def __init__(self, num_images: int, caption_image: Tensor, folds: int = 1) -> None:
+        self.num_images, self.caption_image, self.folds = num_images, caption_image, folds
+
+    def reset(self) -> None:
+        self.rows: list[Tensor] = []
+        self.scores: list[Tensor] = []
+
+    def process(self, rows: Tensor, scores: Tensor) -> None:
+        self.rows.append(rows)
+        self.scores.append(scores)
+
+    def result(self) -> dict[str, float]:
+        mine = (torch.cat(self.rows), torch.cat(self.scores)) if self.rows else \
+            (torch.zeros(0, dtype=torch.long), torch.zeros(0, len(self.caption_image)))
+        full = torch.full((self.num_images, len(self.caption_image)), float("-inf"))
+        for rows, scores in distributed.gather_objects(mine):
+            full[rows] = scores
+        metrics = recall_at_k(full, self.caption_image)
+        if self.folds > 1:
+            metrics.update(recall_over_folds(full, self.caption_image, self.folds))
+        return metrics
+
+
+def retrieval_scores(visual_tokens: Callable, match_scores: Callable, pairs: list[Pair], tokenizer,
+                     data: DataConfig, device, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(image rows, scores against every caption) for this rank's images: a full cross-encoder ranking.
 
     Images are split over ranks; each rank decodes its images and runs the CNN once per image
     (the visual tokens are kept), then scores them against all captions `batch_size` at a time.
     `visual_tokens(images, mask)` and `match_scores(ids, attention, visual, visual_mask)` are
-    the model's (a fine-tuned head, or the ITM head for zero-shot retrieval). With `folds` > 1,
-    the same ranking also gives the recalls averaged over that many folds of the images.
+    the model's (a fine-tuned head, or the ITM head for zero-shot retrieval).
     """
     rank, world = distributed.rank_and_world()
-    start = time.perf_counter()
     keys = list(dict.fromkeys(p.key for p in pairs))
-    row = {key: i for i, key in enumerate(keys)}
     jpegs = {p.key: p.jpeg for p in pairs}
-    caption_image = torch.tensor([row[p.key] for p in pairs])
     text = encode_captions(tokenizer, [p.caption for p in pairs], data.max_text_len, keys=[p.key for p in pairs])
     ids, attention = text.input_ids.to(device), text.attention_mask.to(device)
 
     cached: list[tuple[Tensor, Tensor]] = []  # this rank's images' visual tokens, CNN run once each
-    owned = 0
     for chunk, padding in _even_chunks(keys, batch_size, rank, world):
         images = [decode_resize(jpegs[k], data.image_short_side, data.image_long_side) for k in chunk]
         pixels, mask = pad_images(images, data.pad_multiple)
         tokens, token_mask = visual_tokens(pixels.to(device), mask.to(device))
         if not padding:
             cached.extend((tokens[i:i + 1], token_mask[i:i + 1]) for i in range(len(chunk)))
-            owned += len(chunk)
     share = math.ceil(len(keys) / world)
-    scores = torch.full((share, len(pairs)), float("-inf"))
-    for i in range(share):
+    first_row = rank * share
+    for i in range(share):  # every rank runs `share` images' forward passes (ZeRO-3 gathers in each)
         tokens, token_mask = cached[min(i, len(cached) - 1)] if cached else (None, None)
         if tokens is None:  # this rank owns no image: it still joins every forward pass
             tokens, token_mask = visual_tokens(*_blank_image(device))
+        row = torch.zeros(len(pairs))
         for first in range(0, len(pairs), batch_size):
             last = min(first + batch_size, len(pairs))
             n = last - first
-            s = match_scores(ids[first:last], attention[first:last], tokens.expand(n, -1, -1),
-                             token_mask.expand(n, -1)).float().cpu()
-            if i < owned:
-                scores[i, first:last] = s
-    full = _gather_rows(scores)[: len(keys)]
-    metrics = recall_at_k(full, caption_image)
-    if folds > 1:
-        metrics.update(recall_over_folds(full, caption_image, folds))
+            row[first:last] = match_scores(ids[first:last], attention[first:last], tokens.expand(n, -1, -1),
+                                           token_mask.expand(n, -1)).float().cpu()
+        if i < len(cached):
+            yield torch.tensor([first_row + i]), row.unsqueeze(0)
+
+
+def retrieval(visual_tokens: Callable, match_scores: Callable, pairs: list[Pair], tokenizer, data: DataConfig,
+              device, batch_size: int, folds: int = 1) -> dict[str, float]:
+    """Recall@K of every image against every caption of `pairs` (with `folds` > 1 also the
+    recalls averaged over that many folds of the images), with the counts and the time taken."""
+    start = time.perf_counter()
+    keys = list(dict.fromkeys(p.key for p in pairs))
+    row = {key: i for i, key in enumerate(keys)}
+    caption_image = torch.tensor([row[p.key] for p in pairs])
+    evaluator = RecallAtK(len(keys), caption_image, folds)
+    metrics = run(evaluator, retrieval_scores(visual_tokens, match_scores, pairs, tokenizer, data, device,
+                                              batch_size))
     metrics.update(images=float(len(keys)), captions=float(len(pairs)), seconds=time.perf_counter() - start)
     return metrics
 
 
 def _blank_image(device) -> tuple[Tensor, Tensor]:
-    from pixelbert_dist.model import TOKEN_STRIDE
     return (torch.zeros(1, 3, TOKEN_STRIDE, TOKEN_STRIDE, device=device, dtype=torch.uint8),
             torch.ones(1, TOKEN_STRIDE, TOKEN_STRIDE, dtype=torch.bool, device=device))
-
-
-def _gather_rows(scores: Tensor) -> Tensor:
-    """Every rank's equally sized block of rows, in rank order."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return scores
-    parts = distributed.gather_objects(scores)
-    return torch.cat(parts)

@@ -14,7 +14,8 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from pixelbert_dist.model import IGNORE_INDEX, PixelBert, PretrainBatch
+from pixelbert_dist.data.types import IGNORE_INDEX, PretrainBatch
+from pixelbert_dist.model import PixelBert
 
 
 def _count_cpu_attention() -> None:

@@ -25,28 +25,13 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from pixelbert_dist.backbone import build_trunk
 from pixelbert_dist.config import ModelConfig, TrainConfig
+# The batch contract lives with the data path's types; pad_images, pixel_mask_from_sizes and
+# PretrainBatch stay importable from here for existing callers.
+from pixelbert_dist.data.types import (  # noqa: F401
+    BACKBONE_STRIDE, IGNORE_INDEX, TOKEN_STRIDE, PretrainBatch, image_sizes, pad_images, pixel_mask_from_sizes)
 
-BACKBONE_STRIDE = 32
-TOKEN_STRIDE = 2 * BACKBONE_STRIDE  # the 2x2 max-pool after the 1x1 conv
-IGNORE_INDEX = -100
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet weights were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class PretrainBatch:
-    """What the model consumes: padded images and tokenized, masked captions."""
-
-    images: Tensor          # (B, 3, H, W) uint8 RGB, zero where padded
-    pixel_mask: Tensor      # (B, H, W) bool, True on real pixels (top-left aligned)
-    input_ids: Tensor       # (B, T) long, [CLS] caption [SEP] [PAD]..., MLM-masked
-    attention_mask: Tensor  # (B, T) long/bool, 1 on real tokens
-    mlm_labels: Tensor | None = None  # (B, T) long, original id where masked else -100
-    itm_labels: Tensor | None = None  # (B,) long, 1 matching caption, 0 another image's
-    image_index: Tensor | None = None  # (B,) long, the image row of each pair; None: row i is pair i's
-
-    def to(self, device: torch.device | str) -> "PretrainBatch":
-        return PretrainBatch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
 
 @dataclass
@@ -60,32 +45,6 @@ class PixelBertOutput:
     itm_accuracy: Tensor
     itm_logits: Tensor
     pooled: Tensor  # (B, hidden): pooled [CLS]
-
-
-def pad_images(images: list[Tensor], multiple: int = TOKEN_STRIDE) -> tuple[Tensor, Tensor]:
-    """Stack (3, h, w) images top-left on a zero canvas rounded up to `multiple`; return the mask."""
-    height = max(img.shape[-2] for img in images)
-    width = max(img.shape[-1] for img in images)
-    height, width = -(-height // multiple) * multiple, -(-width // multiple) * multiple
-    canvas = images[0].new_zeros(len(images), 3, height, width)
-    mask = torch.zeros(len(images), height, width, dtype=torch.bool, device=images[0].device)
-    for i, img in enumerate(images):
-        h, w = img.shape[-2:]
-        canvas[i, :, :h, :w] = img
-        mask[i, :h, :w] = True
-    return canvas, mask
-
-
-def pixel_mask_from_sizes(sizes: Tensor, height: int, width: int) -> Tensor:
-    """(B, height, width) bool, True on each image's top-left h x w: pad_images' mask for `sizes` (B, 2)."""
-    rows = torch.arange(height, device=sizes.device) < sizes[:, :1]
-    cols = torch.arange(width, device=sizes.device) < sizes[:, 1:]
-    return rows[:, :, None] & cols[:, None, :]
-
-
-def image_sizes(pixel_mask: Tensor) -> Tensor:
-    """(B, 2) long: the h, w of each image's valid region (the inverse of pixel_mask_from_sizes)."""
-    return torch.stack([pixel_mask.any(dim=2).sum(dim=1), pixel_mask.any(dim=1).sum(dim=1)], dim=1)
 
 
 # ---------------------------------------------------------------------------- visual tokens

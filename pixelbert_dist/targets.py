@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pixelbert_dist.model import IGNORE_INDEX
+from pixelbert_dist.data.types import IGNORE_INDEX
 
 MASK_FRACTION = 0.8    # of selected tokens: replaced by [MASK]
 RANDOM_FRACTION = 0.1  # replaced by a random token; the remaining 10% stay unchanged

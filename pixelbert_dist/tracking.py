@@ -11,8 +11,8 @@ import os
 import socket
 import urllib.request
 
+from data_pipeline.version import code_version
 from pixelbert_dist.config import TrackingConfig
-from pixelbert_dist.version import code_version
 
 log = logging.getLogger("pixelbert_dist.tracking")
 

@@ -8,8 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from pixelbert_dist.config import load_config  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.launch import REPO, free_port  # noqa: E402
 TINY = REPO / "configs" / "pretrain" / "tiny-cpu.yaml"
 
 
@@ -31,13 +30,6 @@ def mlflow_metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server as a real process on 127.0.0.1; code reaches it only through boto3."""
@@ -46,7 +38,7 @@ def s3_server():
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     moto = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
@@ -110,7 +102,7 @@ def ray_head(tmp_path_factory):
     import urllib.request
 
     bin_dir = Path(sys.executable).parent
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     import uuid
     # Ray 2.60 turns token authentication on for a head node; the client needs the same token.
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
@@ -120,7 +112,7 @@ def ray_head(tmp_path_factory):
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
          # agents default to fixed ports that the session's in-process cluster already holds
-         *(f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+         *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                     "metrics-export-port", "runtime-env-agent-port",
                                                     "ray-client-server-port")),
          "--disable-usage-stats", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],

@@ -1,5 +1,9 @@
 """Stages 4-5 of the loader: decode and resize images on the CPU; tokenize, mask, batch.
 
+`BatchBuilder(pairs, images, generator)` takes images decoded on the CPU (`image`);
+`targets(pairs, generator)` makes the same batch without them, for DALI (data/decode.py
+says which of the two a loader uses).
+
 Resize rule (the paper's): scale so the shorter side is S, unless the longer side would
 exceed L; then pad into one uint8 batch with pixel masks. The model normalizes on its device.
 """
@@ -16,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from pixelbert_dist.config import DataConfig
 from pixelbert_dist.data.stream import Pair
-from pixelbert_dist.model import IGNORE_INDEX, PretrainBatch, pad_images
+from pixelbert_dist.data.types import IGNORE_INDEX, PretrainBatch, pad_images
 from pixelbert_dist.targets import itm_caption_assignment, mask_tokens
 from pixelbert_dist.tokenizer import encode_captions, special_tokens
 
@@ -61,6 +65,14 @@ class BatchBuilder:
         return self._decoded[pair.key]
 
     def __call__(self, pairs: list[Pair], images: list[Tensor], generator: torch.Generator) -> PretrainBatch:
+        """The batch of `pairs`, each with its decoded (3, h, w) uint8 image (`image`), padded."""
+        batch = self.targets(pairs, generator)
+        firsts, _ = image_rows([p.key for p in pairs])
+        batch.images, batch.pixel_mask = pad_images([images[i] for i in firsts], self.cfg.pad_multiple)
+        return batch
+
+    def targets(self, pairs: list[Pair], generator: torch.Generator) -> PretrainBatch:
+        """The batch of `pairs` without its images (None): DALI decodes them later (data/decode.py)."""
         keys = [p.key for p in pairs]
         # a batch of one image (a one-image shard) cannot have negatives: all pairs match
         fraction = self.cfg.itm_negative_fraction if len(set(keys)) > 1 else 0.0
@@ -71,13 +83,8 @@ class BatchBuilder:
         input_ids, mlm_labels = mask_tokens(encoded.input_ids, encoded.attention_mask, self.special,
                                             self.cfg.mlm_probability, generator)
         mlm_labels[itm_labels == 0] = IGNORE_INDEX
-        firsts, image_index = image_rows(keys)
-        if isinstance(images[firsts[0]], Tensor):
-            pixels, pixel_mask = pad_images([images[i] for i in firsts], self.cfg.pad_multiple)
-        else:  # still encoded: decoded on the GPU in the training process (dali_decode.py)
-            pixels = pixel_mask = None
-        return PretrainBatch(pixels, pixel_mask, input_ids, encoded.attention_mask, mlm_labels, itm_labels,
-                             image_index)
+        _, image_index = image_rows(keys)
+        return PretrainBatch(None, None, input_ids, encoded.attention_mask, mlm_labels, itm_labels, image_index)
 
 
 def image_rows(keys: list[str]) -> tuple[list[int], Tensor | None]:

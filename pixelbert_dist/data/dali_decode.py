@@ -1,6 +1,6 @@
 """Stage 4 of the loader on NVIDIA DALI: decode, resize and pad a batch in one pipeline.
 
-A drop-in for `batch.decode_resize` on every image followed by `model.pad_images`:
+A drop-in for `batch.decode_resize` on every image followed by `types.pad_images`:
 
     decoder = DaliImageDecoder(short_side=800, long_side=1333, max_batch_size=32, device_id=local_rank)
     images, pixel_mask, kept = decoder([pair.jpeg for pair in pairs])   # kept: indices that decoded
@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from pixelbert_dist.data.batch import resized_size
-from pixelbert_dist.model import TOKEN_STRIDE, pixel_mask_from_sizes
+from pixelbert_dist.data.types import TOKEN_STRIDE, pixel_mask_from_sizes
 
 if TYPE_CHECKING:
     from nvidia.dali import Pipeline

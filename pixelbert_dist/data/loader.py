@@ -10,41 +10,30 @@ A batch carries the pair ranges it used up, bad samples included, and the state 
 only when a batch reaches the trainer, so prefetched batches are never counted. The state
 of all ranks merged (`merge_states`) resumes exactly, on any number of ranks or workers.
 
-A batch crosses from its worker with only the uint8 images in shared memory (`_to_wire`), and
-a thread of the training process receives it while the model computes (prefetch.py).
+A worker's stages (`_PairBatches.__iter__`, data/stages.py): plan -> read pairs -> decode ->
+group into batches -> targets -> wire format. Where images are decoded, PIL in the worker or
+DALI in the training process, is chosen once, by name (data/decode.py). A batch crosses from
+its worker with only the uint8 images in shared memory (wire.py), and a thread of the
+training process receives it while the model computes (prefetch.py).
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from functools import partial
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pixelbert_dist.config import DataConfig
-from pixelbert_dist.data.batch import BatchBuilder, drop_images, image_rows
-from pixelbert_dist.data.dali_decode import resolve_decoder
+from pixelbert_dist.data.batch import BatchBuilder
+from pixelbert_dist.data.decode import choose_decoder
 from pixelbert_dist.data.plan import Manifest, Segment, merge_ranges, remaining_segments, split_even
 from pixelbert_dist.data.prefetch import in_background
-from pixelbert_dist.data.stream import interleave, interleave_order
-from pixelbert_dist.model import PretrainBatch, image_sizes
+from pixelbert_dist.data.stages import group_batches, make_batches, pipeline, plan_worker, read_pairs
+from pixelbert_dist.data.types import BatchInfo, PretrainBatch
+from pixelbert_dist.data.wire import from_wire, to_wire
 from pixelbert_dist.tokenizer import load_tokenizer
-
-
-@dataclass
-class BatchInfo:
-    """What travels with a batch from a loader worker."""
-
-    keys: list[str]                   # image key of each pair
-    pairs: list[tuple[str, int]]      # (shard, pair index) of each pair in the batch
-    consumed: dict[str, list[list[int]]]  # every pair read for this batch, skipped ones too
-    skipped: int                      # pairs whose image did not decode
-    truncated: int                    # captions cut to max_text_len
-    jpegs: list[bytes] | None = None  # per image row, when the images are decoded on the GPU
 
 
 class _PairBatches(IterableDataset):
@@ -54,91 +43,35 @@ class _PairBatches(IterableDataset):
         # a resume at step n, worker 0 must play the part of the worker whose turn it was.
         self.rotation = loader.plan_step % loader.num_workers_or_one
 
-    def __iter__(self) -> Iterator[tuple]:  # (batch, info), the batch as _to_wire made it in a worker
-        info = get_worker_info()
-        loader = self.loader
-        worker = ((info.id if info is not None else 0) + self.rotation) % loader.num_workers_or_one
-        global_worker = loader.rank * loader.num_workers_or_one + worker
-        segments = self.parts[global_worker]
-        tag = f"{self.plan_tag}-{global_worker}"
-        order = interleave_order(loader.manifest, segments, loader.open_shards, random.Random(tag))
-        skip = _consumed_prefix(segments, order, loader.consumed)
+    def __iter__(self) -> Iterator[tuple]:
+        """This worker's batches: the stages of data/stages.py, in order."""
+        worker_info = get_worker_info()
+        loader, workers = self.loader, self.loader.num_workers_or_one
+        worker = ((worker_info.id if worker_info is not None else 0) + self.rotation) % workers
+        plan = plan_worker(loader.manifest, self.parts, self.plan_tag, loader.rank * workers + worker,
+                           loader.open_shards, loader.consumed)
+        # -> WorkerPlan: this (rank, worker)'s segments, its seeded pair order, the prefix a resume skips
         builder = loader.make_builder(load_tokenizer(loader.cfg.tokenizer), loader.cfg)
-        pairs, images, consumed, skipped = [], [], [], 0
-        for pair in interleave(loader.manifest, segments, order, skip):
-            consumed.append((pair.shard, pair.index))
-            if loader.decoder == "cpu":
-                try:
-                    images.append(builder.image(pair))
-                except ValueError:
-                    skipped += 1
-                    continue
-            else:
-                images.append(pair.jpeg)
-            pairs.append(pair)
-            if len(pairs) == loader.batch_size:
-                # seeded by the batch's first pair: the same batch gets the same targets after a resume
-                generator = torch.Generator().manual_seed(
-                    random.Random(f"{tag}-{pairs[0].shard}-{pairs[0].index}").getrandbits(63))
-                truncated_before = builder.truncated
-                batch = builder(pairs, images, generator)
-                ranges: dict[str, list[list[int]]] = {}
-                for shard, index in consumed:
-                    ranges.setdefault(shard, []).append([index, index + 1])
-                jpegs = None if batch.images is not None else [pairs[i].jpeg for i in image_rows([p.key for p in pairs])[0]]
-                # only a worker's batch crosses a process boundary; in process it stays as made
-                yield _to_wire(batch) if info is not None else batch, BatchInfo([p.key for p in pairs], [(p.shard, p.index) for p in pairs],
-                                       {s: merge_ranges(r) for s, r in ranges.items()}, skipped,
-                                       builder.truncated - truncated_before, jpegs)
-                pairs, images, consumed, skipped = [], [], [], 0
-
-
-def _to_wire(batch):
-    """A batch as it crosses from a loader worker: the images in shared memory, the rest by value.
-
-    DataLoader moves every tensor through shared memory, and the receiving process fetches each
-    one's handle from the worker over a socket: ~0.6 ms a tensor on two busy cores, most of the
-    data wait. The small text tensors are cheaper copied, and the mask is sent as image sizes.
-    """
-    fields = {}
-    for name, value in vars(batch).items():
-        if name == "pixel_mask" and value is not None:
-            value = (image_sizes(value).numpy(), tuple(value.shape[-2:]))
-        elif name != "images" and isinstance(value, torch.Tensor):
-            value = value.numpy()
-        fields[name] = value
-    return type(batch), fields
-
-
-def _from_wire(item: tuple[tuple, BatchInfo]) -> tuple[PretrainBatch, BatchInfo]:
-    (kind, fields), info = item
-    for name, value in fields.items():
-        if name == "pixel_mask" and value is not None:
-            sizes, (height, width) = value
-            # model.pixel_mask_from_sizes in numpy: single-threaded, where a torch op this size
-            # would start its intra-op threads beside the training step's and the loader workers
-            rows = np.arange(height) < sizes[:, :1]
-            cols = np.arange(width) < sizes[:, 1:]
-            value = torch.from_numpy(rows[:, :, None] & cols[:, None, :])
-        elif isinstance(value, np.ndarray):
-            value = torch.from_numpy(value)
-        fields[name] = value
-    return kind(**fields), info
+        decoder = loader.image_decoder
+        stages = [
+            read_pairs(loader.manifest, plan),
+            # -> Pair: this worker's pairs in its seeded order, still encoded, the consumed prefix skipped
+            partial(decoder.decode, builder=builder),
+            # -> (Pair, image): decoded on the CPU, or its JPEG bytes for DALI; None if it did not decode
+            partial(group_batches, size=loader.batch_size),
+            # -> Group: batch_size pairs with images, and every pair read for them (skipped ones too)
+            partial(make_batches, builder=builder, decoder=decoder, tag=plan.tag),
+            # -> (batch, BatchInfo): tokenized, MLM-masked, ITM negatives, seeded by the first pair;
+            #    images padded (cpu) or still None with info.jpegs set (dali)
+        ]
+        if worker_info is not None:  # only a worker's batch crosses a process boundary; in process it stays as is
+            stages.append(partial(map, to_wire))
+            # -> ((batch type, fields), BatchInfo): the images in shared memory, the rest by value
+        yield from pipeline(*stages)
 
 
 def _as_made(item):
     return item
-
-
-def _consumed_prefix(segments: list[Segment], order: list[int], consumed: dict[str, list[list[int]]]) -> int:
-    """How many leading pairs of a worker's order are already consumed (a worker uses a prefix)."""
-    position = [s.start for s in segments]
-    for count, segment in enumerate(order):
-        shard, index = segments[segment].shard, position[segment]
-        if not any(start <= index < end for start, end in consumed.get(shard, [])):
-            return count
-        position[segment] += 1
-    return len(order)
 
 
 class StreamingLoader:
@@ -154,9 +87,7 @@ class StreamingLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers, self.open_shards = num_workers, open_shards
         self.manifest = Manifest(manifest_url, cfg.captions_per_image)
-        # DALI decodes one image per pair; builders that need more (NLVR2) decode on the CPU
-        self.decoder = resolve_decoder(cfg.decoder) if getattr(make_builder, "gpu_decode", False) else "cpu"
-        self._dali = None  # made in the training process on first use: it owns GPU memory
+        self.image_decoder = choose_decoder(cfg, make_builder, batch_size)  # where images are decoded
         self.epoch = 0
         self.consumed: dict[str, list[list[int]]] = {}
         # The epoch's split is made from the pairs left when it was planned (`plan_base`) for
@@ -168,6 +99,11 @@ class StreamingLoader:
         self.plan_step = 0  # batches handed out since the plan was made (the same on every rank)
         self.skipped = 0
         self.truncated = 0
+
+    @property
+    def decoder(self) -> str:
+        """The image path in use: "cpu" or "dali" (data/decode.py)."""
+        return self.image_decoder.name
 
     @property
     def num_workers_or_one(self) -> int:
@@ -194,40 +130,26 @@ class StreamingLoader:
         parts, tag = self._parts()
         steps = self._full_batches(parts) - self.plan_step  # after a resume: the rest of the epoch
         dataset = _PairBatches(self, parts, tag)
-        # collate_fn: as made; the default would turn _to_wire's arrays back into shared tensors
+        # collate_fn: as made; the default would turn to_wire's arrays back into shared tensors
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_made,
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
         # Both stop with this generator: the thread when `received` is closed, the DataLoader's
         # workers when its iterator is collected, as it was before the thread existed.
         received = iter(loader)
         if self.num_workers:  # a thread takes each batch from the workers while the model computes
-            received = in_background(map(_from_wire, received), depth=2)
+            received = in_background(map(from_wire, received), depth=2)
+        # -> (batch, BatchInfo) as a worker made it
         for step, (batch, info) in enumerate(received):
             if step >= steps:
                 break
-            if info.jpegs is not None:
-                batch, info = self._decode(batch, info)
+            batch, info = self.image_decoder.finish(batch, info)
+            # -> (batch, BatchInfo) as the model takes it: DALI's images decoded, their failures dropped
             for shard, ranges in info.consumed.items():
                 self.consumed[shard] = merge_ranges(self.consumed.get(shard, []) + ranges)
             self.skipped += info.skipped
             self.truncated += info.truncated
             self.plan_step += 1
             yield batch, info
-
-    def _decode(self, batch: PretrainBatch, info: BatchInfo) -> tuple[PretrainBatch, BatchInfo]:
-        """DALI decode of a batch's images; pairs of an image that does not decode are dropped, counted."""
-        if self._dali is None:
-            from pixelbert_dist.data.dali_decode import DaliImageDecoder
-            device = torch.cuda.current_device() if torch.cuda.is_available() else None
-            self._dali = DaliImageDecoder(self.cfg.image_short_side, self.cfg.image_long_side,
-                                          self.batch_size, device, multiple=self.cfg.pad_multiple)
-        batch.images, batch.pixel_mask, kept_rows = self._dali(info.jpegs)
-        if len(kept_rows) < len(info.jpegs):
-            batch, kept = drop_images(batch, kept_rows)
-            info = BatchInfo([info.keys[i] for i in kept], [info.pairs[i] for i in kept], info.consumed,
-                             info.skipped + len(info.keys) - len(kept), info.truncated)
-        info.jpegs = None
-        return batch, info
 
     def next_epoch(self) -> None:
         self.epoch += 1

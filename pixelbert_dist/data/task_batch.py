@@ -16,8 +16,7 @@ from data_pipeline.answers import normalize_answer
 from pixelbert_dist.config import DataConfig, TaskConfig
 from pixelbert_dist.data.batch import decode_resize, image_rows
 from pixelbert_dist.data.stream import Pair
-from pixelbert_dist.model import pad_images
-from pixelbert_dist.tasks import TaskBatch
+from pixelbert_dist.data.types import TaskBatch, pad_images
 from pixelbert_dist.tokenizer import encode_captions
 
 

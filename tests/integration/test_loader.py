@@ -103,7 +103,7 @@ def test_masking_does_not_reveal_the_itm_label(dataset):
 
 
 def test_a_worker_process_hands_over_the_batches_made_in_process(dataset):
-    # batches cross from a worker in a compact form (loader._to_wire): nothing may change on the way
+    # batches cross from a worker in a compact form (data/wire.py): nothing may change on the way
     url, cfg = dataset
     inline, _ = _run(url, cfg, world=1, workers=0, stop=6)
     worker, _ = _run(url, cfg, world=1, workers=1, stop=6)

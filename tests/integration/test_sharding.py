@@ -21,7 +21,7 @@ from data_pipeline.storage import s3_client
 from data_pipeline.synthetic import generate
 from tests import sample_inputs as inputs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(argv) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -16,7 +15,9 @@ from PIL import Image
 from pixelbert_dist.config import DataConfig, ModelConfig, TaskConfig
 from pixelbert_dist.data.stream import Pair
 from pixelbert_dist.evaluate import recall_at_k, recall_over_folds, retrieval, vqa_accuracy
-from pixelbert_dist.tasks import PixelBertForTask, TaskBatch
+from pixelbert_dist.data.types import TaskBatch
+from pixelbert_dist.tasks import PixelBertForTask, task_model
+from tests.launch import free_port
 
 TINY = ModelConfig(backbone="custom", backbone_widths=[8, 8, 16, 16], train_backbone_norm=True, hidden_size=32,
                    num_layers=1, num_heads=2, intermediate_size=64, vocab_size=40, dropout=0.0,
@@ -27,7 +28,7 @@ def _model(name: str, **task) -> PixelBertForTask:
     torch.manual_seed(0)
     if name == "vqa":
         task.setdefault("answer_vocab", "answers.json")  # the config requires one; the head takes its size
-    model = PixelBertForTask(TINY, TaskConfig(name=name, **task), num_answers=6)
+    model = task_model(TINY, TaskConfig(name=name, **task), num_answers=6)
     model.adopt_pretraining_heads()
     return model.train()
 
@@ -89,7 +90,7 @@ def test_retrieval_takes_gradients_from_the_hardest_negatives_and_keeps_the_cnn_
 
 def test_retrieval_head_starts_as_the_itm_heads_match_log_odds():
     torch.manual_seed(0)
-    model = PixelBertForTask(TINY, TaskConfig(name="retrieval"))
+    model = task_model(TINY, TaskConfig(name="retrieval"))
     itm = model.body.cls.seq_relationship
     pooled = torch.randn(5, TINY.hidden_size)
     logits = itm(pooled)
@@ -186,9 +187,7 @@ def test_retrieval_ranking_split_over_two_ranks_equals_one_rank(tmp_path, monkey
     _scores_on(0, 1, 0, single)
     context = mp.get_context("spawn")
     queue = context.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [context.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

@@ -4,7 +4,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ from data_pipeline.synthetic import generate
 from pixelbert_dist.config import ConfigError, load_config
 from pixelbert_dist.engine import deepspeed_config
 from pixelbert_dist.tokenizer import train_wordpiece
-from tests.conftest import REPO, TINY, mlflow_metrics as _metrics
+from tests.conftest import TINY, mlflow_metrics as _metrics
+from tests.launch import BIN, REPO, free_port, job_env, run_job, start_job
 
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +47,8 @@ def _argv(data, workdir: Path, **overrides) -> list[str]:
     return ["--config", str(TINY)] + [f"--{k}={v}" for k, v in settings.items()]
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-
-
 def _torchrun(nproc: int, argv: list[str], workdir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    command = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={_port()}", "-m", "pixelbert_dist.pretrain", *argv, *extra]
-    return subprocess.run(command, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=600)
-
-
-def _port() -> int:
-    from tests.conftest import _free_port
-    return _free_port()
+    return run_job("pretrain", [*argv, *extra], workdir, nproc)
 
 
 def _pairs_log(workdir: Path) -> list[dict]:
@@ -196,9 +183,9 @@ def test_deepspeed_json_conflicts_and_shapes_are_named_before_training(tmp_path)
 @pytest.mark.slow
 def test_deepspeed_launcher_with_the_shipped_hostfile(data, tmp_path):
     command = [str(BIN / "deepspeed"), "--hostfile", str(REPO / "cluster/hosts"), "--no_ssh", "--node_rank=0",
-               "--master_addr", "127.0.0.1", f"--master_port={_port()}", "--module", "pixelbert_dist.pretrain",
+               "--master_addr", "127.0.0.1", f"--master_port={free_port()}", "--module", "pixelbert_dist.pretrain",
                *_argv(data, tmp_path, train__max_steps=3)]
-    env = {**_env(), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**job_env(), "PATH": f"{BIN}:{os.environ['PATH']}"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with sqlite3.connect(tmp_path / "mlruns.db") as con:
@@ -212,7 +199,7 @@ def test_bf16_run_and_a_tracking_server_that_is_down(data, tmp_path):
     # one run, two behaviours (each process start costs the suite ~15 s):
     # DeepSpeed keeps buffers fp32 unless told, and the norms' statistics then break bf16 convs;
     # a tracking server that is down costs a warning, not the run
-    port = _port()  # nothing listens here
+    port = free_port()  # nothing listens here
     done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, train__precision="bf16", train__micro_batch_size=2,
                               train__global_batch_size=2,
                               tracking__uri=f"http://127.0.0.1:{port}"), tmp_path)
@@ -228,10 +215,8 @@ def test_kill_minus_9_of_one_rank_fails_the_job_quickly_and_resume_auto_finishes
 
     import psutil
     argv = _argv(data, tmp_path, train__max_steps=10, checkpoint__every_steps=2)
-    command = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_port()}",
-               "-m", "pixelbert_dist.pretrain", *argv]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start_job("pretrain", argv, tmp_path, nproc=2, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                     text=True)
     deadline = time.time() + 180
     while not (tmp_path / "ckpt" / "step00000002" / "complete.json").exists():
         assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"

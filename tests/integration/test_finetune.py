@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,9 @@ from data_pipeline.sources import SourceSpec, read_records
 from data_pipeline.synthetic_tasks import generate_tasks, write_retrieval
 from pixelbert_dist.config import FinetuneConfig, TaskConfig, load_config
 from pixelbert_dist.tokenizer import train_wordpiece
-from tests.conftest import REPO, _free_port, mlflow_metrics as _metrics
+from tests.conftest import mlflow_metrics as _metrics
+from tests.launch import REPO, run_job
 
-BIN = Path(sys.executable).parent
 CONFIG = REPO / "configs" / "finetune" / "tiny-cpu.yaml"
 PRETRAINED = REPO / "tests" / "data" / "pretrained-tiny"  # make demo's checkpoint, exported (see its README)
 
@@ -56,12 +54,7 @@ def _argv(tasks, task: str, workdir: Path, **overrides) -> list[str]:
 
 
 def _run(nproc: int, argv: list[str], workdir: Path) -> subprocess.CompletedProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    launcher = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable]
-    env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    return subprocess.run([*launcher, "-m", "pixelbert_dist.finetune", *argv], cwd=workdir,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    return run_job("finetune", argv, workdir, nproc, launcher="torchrun" if nproc > 1 else "python")
 
 
 def _export(tasks, path: Path) -> Path:
@@ -115,7 +108,7 @@ def test_nlvr2_trains_evaluates_and_resumes_into_the_same_run(tasks, tmp_path):
 
 
 def test_config_faults_are_named_before_training(tmp_path):
-    from pixelbert_dist.finetune import pretrained_model_config
+    from pixelbert_dist.tasks.base import pretrained_model_config
 
     with pytest.raises(ValueError, match="task.init=.*nowhere"):
         pretrained_model_config(str(tmp_path / "nowhere"))

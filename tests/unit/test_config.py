@@ -8,7 +8,7 @@ import yaml
 from pixelbert_dist import config as config_module
 from pixelbert_dist.config import ConfigError, FinetuneConfig, PretrainConfig, field_docs, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
 
 

@@ -1,0 +1,101 @@
+"""The stages of one loader worker, each a generator over the previous one's items.
+
+loader._PairBatches lists them in order: plan -> read pairs -> decode -> group into batches
+-> targets -> wire format. `pipeline(source, *stages)` chains them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from pixelbert_dist.data.decode import ImageDecoder
+from pixelbert_dist.data.plan import Manifest, Segment, merge_ranges
+from pixelbert_dist.data.stream import Pair, interleave, interleave_order
+from pixelbert_dist.data.types import BatchInfo
+
+
+def pipeline(source: Iterable, *stages: Callable[[Iterable], Iterator]) -> Iterator:
+    """`source` through each stage in turn: stages[-1](...stages[0](source))."""
+    items = iter(source)
+    for stage in stages:
+        items = stage(items)
+    return items
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One global worker's part of the epoch and where it stands in it."""
+
+    segments: list[Segment]
+    order: list[int]  # the segment of each successive pair (stream.interleave_order)
+    skip: int         # leading pairs of `order` already consumed: a resume replays the order past them
+    tag: str          # seeds the order and every batch's targets
+
+
+def plan_worker(manifest: Manifest, parts: list[list[Segment]], plan_tag: str, global_worker: int,
+                open_shards: int, consumed: dict[str, list[list[int]]]) -> WorkerPlan:
+    segments = parts[global_worker]
+    tag = f"{plan_tag}-{global_worker}"
+    order = interleave_order(manifest, segments, open_shards, random.Random(tag))
+    return WorkerPlan(segments, order, consumed_prefix(segments, order, consumed), tag)
+
+
+def consumed_prefix(segments: list[Segment], order: list[int], consumed: dict[str, list[list[int]]]) -> int:
+    """How many leading pairs of a worker's order are already consumed (a worker uses a prefix)."""
+    position = [s.start for s in segments]
+    for count, segment in enumerate(order):
+        shard, index = segments[segment].shard, position[segment]
+        if not any(start <= index < end for start, end in consumed.get(shard, [])):
+            return count
+        position[segment] += 1
+    return len(order)
+
+
+def read_pairs(manifest: Manifest, plan: WorkerPlan) -> Iterator[Pair]:
+    return interleave(manifest, plan.segments, plan.order, plan.skip)
+
+
+@dataclass
+class Group:
+    """The pairs of one batch, with their images, and every pair read for them."""
+
+    pairs: list[Pair]
+    images: list                          # per pair, as the decoder's `decode` gave it
+    consumed: dict[str, list[list[int]]]  # merged ranges, pairs that did not decode included
+    skipped: int                          # pairs that did not decode
+
+
+def group_batches(decoded: Iterable[tuple[Pair, object]], size: int) -> Iterator[Group]:
+    """Groups of `size` pairs that decoded; a last, smaller group is dropped."""
+    pairs, images, consumed, skipped = [], [], [], 0
+    for pair, image in decoded:
+        consumed.append((pair.shard, pair.index))
+        if image is None:
+            skipped += 1
+            continue
+        pairs.append(pair)
+        images.append(image)
+        if len(pairs) == size:
+            ranges: dict[str, list[list[int]]] = {}
+            for shard, index in consumed:
+                ranges.setdefault(shard, []).append([index, index + 1])
+            yield Group(pairs, images, {s: merge_ranges(r) for s, r in ranges.items()}, skipped)
+            pairs, images, consumed, skipped = [], [], [], 0
+
+
+def make_batches(groups: Iterable[Group], builder, decoder: ImageDecoder,
+                 tag: str) -> Iterator[tuple[object, BatchInfo]]:
+    """Each group's batch (the builder tokenizes, masks, draws ITM negatives) and its BatchInfo."""
+    for group in groups:
+        pairs = group.pairs
+        # seeded by the batch's first pair: the same batch gets the same targets after a resume
+        generator = torch.Generator().manual_seed(
+            random.Random(f"{tag}-{pairs[0].shard}-{pairs[0].index}").getrandbits(63))
+        truncated_before = builder.truncated
+        batch, jpegs = decoder.build(builder, pairs, group.images, generator)
+        yield batch, BatchInfo([p.key for p in pairs], [(p.shard, p.index) for p in pairs], group.consumed,
+                               group.skipped, builder.truncated - truncated_before, jpegs)
