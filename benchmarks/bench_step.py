@@ -1,4 +1,6 @@
 """Training-step levers side by side: today's step vs each lever alone vs all together.
+(Over 300 lines on purpose: a benchmark is one script a person runs and reads; its rows,
+report and plot stay together so a result file can be traced to one file.)
 
     .venv/bin/python benchmarks/bench_step.py                        # this CPU: R50 at 256x384 + BERT-base
     .venv/bin/python benchmarks/bench_step.py --quick --out /tmp/b   # smoke run (tests): tiny model, 1 round

@@ -1,4 +1,6 @@
 """Training-step speed: plain PyTorch vs DeepSpeed ZeRO 0-3 on 1 and 2 ranks, and the data path.
+(Over 300 lines on purpose: a benchmark is one script a person runs and reads; its rows,
+report and plot stay together so a result file can be traced to one file.)
 
     .venv/bin/python benchmarks/bench_train.py                        # tiny config on this CPU, ~20 min
     .venv/bin/python benchmarks/bench_train.py --quick --out /tmp/b   # smoke run (tests): 1 rank, few steps

@@ -1,4 +1,6 @@
 """Which DeepSpeed ZeRO-2 settings cut its host-side cost per step: each option vs plain PyTorch.
+(Over 300 lines on purpose: a benchmark is one script a person runs and reads; its rows,
+report and plot stay together so a result file can be traced to one file.)
 
     DS_ACCELERATOR=cpu RAY_USAGE_STATS_ENABLED=0 .venv/bin/python benchmarks/bench_zero_options.py
     .venv/bin/python benchmarks/bench_zero_options.py --quick --out /tmp/z    # smoke run, ~1 min

@@ -1,4 +1,5 @@
 """Image-caption sources -> WebDataset shards + manifest, as Ray tasks.
+(Over 300 lines on purpose: one job's plan, shard task, manifest and command line read as one recipe.)
 
     python -m data_pipeline.shard --out s3://bucket/coco-vg \\
         --source coco:captions=captions_train2017.json,images=train2017,include=karpathy_train_ids.txt \\

@@ -10,7 +10,7 @@ Same output as the CPU path: uint8 pixels (the model normalizes), sizes by `resi
 exists), zero padding to the same multiple (data.pad_multiple), the same mask. Pixel values differ by a
 few grey levels: PIL decodes large downscales at 1/2..1/8 scale in the DCT domain and then
 resizes; DALI decodes at full size and resizes with an antialiased cubic filter
-(tests/test_dali_decode.py states the measured gap).
+(tests/unit/test_dali_decode.py states the measured gap).
 
 Encoded bytes come from our own streaming loader through `external_source`, so sharding,
 shuffling and resumption stay in one place; DALI only replaces the image arithmetic.

@@ -82,6 +82,7 @@ def test_vqa_on_two_ranks_from_an_export_answers_every_held_out_question(tasks, 
     metrics = _metrics(tmp_path / "mlruns.db")
     assert [s for s, _ in metrics["loss"]] == [1, 2, 3, 4]
     assert [s for s, _ in metrics["eval.vqa_accuracy"]] == [4]
+    assert all(0 < v < 1 for _, v in metrics["mfu"])  # fine-tuning counts its FLOPs too
     assert 0 <= metrics["eval.vqa_accuracy"][0][1] <= 100
     # every held-out question answered exactly once, from the vocabulary, over both ranks
     raw = tasks[2] / "vqa"
@@ -105,6 +106,7 @@ def test_nlvr2_trains_evaluates_and_resumes_into_the_same_run(tasks, tmp_path):
     assert [s for s, _ in metrics["loss"]] == [1, 2, 3, 4]  # one MLflow run, continued
     assert [s for s, _ in metrics["eval.nlvr2_accuracy"]] == [2, 4]
     assert 0 <= metrics["eval.nlvr2_accuracy"][-1][1] <= 100
+    assert all(0 < v < 1 for _, v in metrics["mfu"])
 
 
 def test_config_faults_are_named_before_training(tmp_path):

@@ -1,4 +1,7 @@
-"""The sharding job on a real local Ray cluster, writing to disk and to moto's S3 server."""
+"""The sharding job on a real local Ray cluster, writing to disk and to moto's S3 server.
+
+Over 300 lines: one fixture (a sharded dataset on disk and on S3) serves every test here.
+"""
 
 import hashlib
 import io

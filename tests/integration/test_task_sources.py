@@ -1,4 +1,7 @@
-"""Downstream-task sources (VQA v2, NLVR2, Karpathy splits), answers, and synthetic tasks to shards."""
+"""Downstream-task sources (VQA v2, NLVR2, Karpathy splits), answers, and synthetic tasks to shards.
+
+Over 300 lines: the three task formats share the sample inputs and the sharding fixture.
+"""
 
 import io
 import json

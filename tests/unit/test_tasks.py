@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +211,23 @@ def test_a_task_models_cnn_gets_the_cnn_optimizer_group():
     assert id(model.body.visual.cnn.conv1.weight) in groups["cnn"]
     assert id(model.body.visual.proj.weight) in groups["cnn"]
     assert id(model.head[0].weight) in groups["transformer"]
+
+
+def test_fine_tuning_flops_count_nlvr2s_two_images_per_pair():
+    from pixelbert_dist.config import FinetuneConfig
+    from pixelbert_dist.spec import ResolvedRun
+    from pixelbert_dist.tasks import TASKS
+    from pixelbert_dist.tokenizer import load_tokenizer
+
+    vocab = Path(__file__).resolve().parents[1] / "data" / "pretrained-tiny" / "vocab.txt"
+    tokenizer = load_tokenizer(str(vocab))
+    model_cfg = ModelConfig(**{**vars(TINY), "vocab_size": len(tokenizer)})
+    flops = {}
+    for name in ("vqa", "nlvr2"):
+        cfg = FinetuneConfig(model=model_cfg, data=DataConfig(image_short_side=128, image_long_side=192),
+                             task=TaskConfig(name=name, answer_vocab="answers.json"))
+        run = ResolvedRun(cfg, tokenizer, answers=("yes", "no"))
+        model = TASKS[name].build_model(run, False)
+        flops[name] = TASKS[name].flops_per_sample(model, run, torch.device("cpu"))
+    # an NLVR2 pair is two images and two sequences through the same body: about twice a VQA pair
+    assert 1.6 < flops["nlvr2"] / flops["vqa"] < 2.4

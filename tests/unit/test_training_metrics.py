@@ -1,0 +1,62 @@
+"""The logging window: outputs summed without leaving the device, reduced over ranks by name."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pixelbert_dist.distributed import DistInfo
+from pixelbert_dist.metrics import StepTimer
+from pixelbert_dist.tracking import Tracker
+from pixelbert_dist.config import TrackingConfig
+from pixelbert_dist.training_metrics import TrainingMetrics, reduce_by_name
+from tests.launch import free_port
+
+
+def _reduce_worker(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # the two ranks build their dicts in different orders: a positional reduction would mix them up
+    values = {"loss": 1.0 + rank, "skipped": 10.0 * (rank + 1), "accuracy": torch.tensor(0.25 * (rank + 1))}
+    if rank == 1:
+        values = dict(reversed(list(values.items())))
+    queue.put((rank, reduce_by_name(values, torch.device("cpu"))))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_reduce_by_name_sums_each_value_with_its_namesake_on_every_rank():
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_reduce_worker, args=(rank, port, queue)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    expected = {"loss": 3.0, "skipped": 30.0, "accuracy": 0.75}
+    assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
+
+
+def test_the_window_averages_outputs_over_micro_steps_and_keeps_them_as_tensors():
+    info = DistInfo(0, 1, 0, torch.device("cpu"), "single")
+    metrics = TrainingMetrics(("loss", "accuracy"), StepTimer(), Tracker(TrackingConfig(), enabled=False), info,
+                              every=2, logger=logging.getLogger("test"))
+    for loss, accuracy in ((2.0, 0.5), (4.0, 1.0)):
+        metrics.record(SimpleNamespace(loss=torch.tensor(loss, requires_grad=True), accuracy=torch.tensor(accuracy)),
+                       samples=3, images=3)
+    # nothing was read back to the host: the sums are (detached) tensors until the window closes
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.sums.values())
+    assert not metrics.should_log(1, last=False) and metrics.should_log(2, last=False) and metrics.should_log(3, True)
+    logged = metrics.log(2, counters={"skipped_samples": 5}, extra={"epoch": 1})
+    assert logged["loss"] == pytest.approx(3.0) and logged["accuracy"] == pytest.approx(0.75)
+    assert logged["skipped_samples"] == 5 and logged["epoch"] == 1 and logged["samples_per_s"] > 0
+    assert metrics.sums == {} and metrics.micro_steps == 0  # a new window
