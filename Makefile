@@ -64,3 +64,11 @@ downstream: $(STAMP)
 	test -d $(DEMO)/checkpoints || $(MAKE) demo
 	DS_ACCELERATOR=cpu RAY_USAGE_STATS_ENABLED=0 $(PY) benchmarks/bench_downstream.py \
 	    --pretrained $(DEMO)/checkpoints --tokenizer $(DEMO)/vocab/vocab.txt --work runs/downstream
+
+# MLflow's own UI, looked at in headless Chromium (Debian's package, installed if absent):
+# a screenshot of a fresh run's page under benchmarks/results/ and a check that it shows the
+# run's metrics and artifacts.
+.PHONY: mlflow-ui-check
+mlflow-ui-check: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	$(PY) benchmarks/mlflow_ui.py

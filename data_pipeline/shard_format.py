@@ -153,3 +153,78 @@ class ShardResult:
     @classmethod
     def from_json(cls, text: str | bytes) -> "ShardResult":
         return cls(**json.loads(text))
+
+
+# ---------------------------------------------------------------------------- indexed tars
+# `python -m data_pipeline.index` lists existing WebDataset tars (img2dataset's layout:
+# KEY.jpg|png|webp, KEY.txt, optional KEY.json) in a manifest without rewriting them. Their
+# shards carry `"layout": "img2dataset"`, and `"url"` when the tar lives outside the
+# manifest's location. The loader then reads only the listed byte ranges (`read_listed`), so
+# samples the index rejected, between or after good ones, are never parsed.
+
+INDEX_FORMAT = "pixelbert-dist/webdataset-index-v1"
+IMG2DATASET = "img2dataset"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(key, ext) as WebDataset splits a member name: the key ends at the file name's first dot."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def unsafe_member(name: str) -> bool:
+    """A name no reader may trust as a path: empty, absolute, `..` anywhere, backslashes."""
+    return (not name or name.startswith("/") or "\\" in name or ".." in name.split("/")
+            or (len(name) > 1 and name[1] == ":"))
+
+
+def image_member(members: dict[str, bytes]) -> str | None:
+    return next((ext for ext in IMAGE_EXTS if ext in members), None)
+
+
+def caption_of(members: dict[str, bytes]) -> str | None:
+    """An indexed sample's caption: KEY.txt, else KEY.json's "caption"; None if neither has text.
+
+    A KEY.txt that is not UTF-8 raises UnicodeDecodeError (the index skips such samples).
+    """
+    text = members["txt"].decode("utf-8").strip() if "txt" in members else ""
+    if not text and "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except ValueError:
+            meta = None
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        text = caption.strip() if isinstance(caption, str) else ""
+    return text or None
+
+
+def read_listed(stream: BinaryIO, samples: Iterable[dict], start: int) -> Iterator[dict[str, bytes]]:
+    """Member bytes (by ext) of each listed sample; `stream` is positioned at byte `start`.
+
+    Bytes between listed samples are read past, never parsed; nothing is unpickled or decoded.
+    """
+    position = start
+    for sample in samples:
+        _read_exactly(stream, sample["offset"] - position, discard=True)
+        chunk = _read_exactly(stream, sample["size"])
+        position = sample["offset"] + sample["size"]
+        members = {}
+        with tarfile.open(fileobj=io.BytesIO(chunk), mode="r:") as tar:
+            for info in tar:
+                if info.isfile():
+                    members[split_member(info.name)[1]] = tar.extractfile(info).read()
+        yield members
+
+
+def _read_exactly(stream: BinaryIO, size: int, discard: bool = False) -> bytes:
+    parts, left = [], size
+    while left > 0:
+        data = stream.read(min(left, 1 << 20) if discard else left)
+        if not data:
+            raise tarfile.ReadError(f"unexpected end of data: {left} of {size} bytes missing")
+        left -= len(data)
+        if not discard:
+            parts.append(data)
+    return b"".join(parts)

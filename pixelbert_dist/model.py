@@ -29,6 +29,7 @@ from pixelbert_dist.config import ModelConfig, TrainConfig
 # PretrainBatch stay importable from here for existing callers.
 from pixelbert_dist.data.types import (  # noqa: F401
     BACKBONE_STRIDE, IGNORE_INDEX, TOKEN_STRIDE, PretrainBatch, image_sizes, pad_images, pixel_mask_from_sizes)
+from pixelbert_dist.pretrained import PretrainedMixin
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet weights were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -161,7 +162,7 @@ def bert_config(cfg: ModelConfig) -> BertConfig:
         tie_word_embeddings=True)
 
 
-class PixelBert(nn.Module):
+class PixelBert(PretrainedMixin, nn.Module):
     """Pixel-BERT with its two pre-training heads. `bert.*` and `cls.*` use BERT's own names."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -185,7 +186,7 @@ class PixelBert(nn.Module):
                                  f"expects {tuple(own[key].shape)}; check model.hidden_size/vocab_size")
         self.load_state_dict({k: v for k, v in source.items() if k in own}, strict=False)
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor,
+    def fuse(self, input_ids: Tensor, attention_mask: Tensor,
                visual: Tensor | None = None, visual_mask: Tensor | None = None) -> Tensor:
         """Hidden states of [CLS] w1..wn [SEP] v1..vk; text-only when `visual` is None."""
         hidden = self.bert.embeddings(input_ids=input_ids)
@@ -204,7 +205,7 @@ class PixelBert(nn.Module):
             visual, visual_mask = visual[batch.image_index], visual_mask[batch.image_index]
         if self.training and self.cfg.pixel_sample_count > 0:
             visual, visual_mask = sample_visual_tokens(visual, visual_mask, self.cfg.pixel_sample_count)
-        hidden = self.encode(batch.input_ids, batch.attention_mask, visual, visual_mask)
+        hidden = self.fuse(batch.input_ids, batch.attention_mask, visual, visual_mask)
         pooled = self.bert.pooler(hidden)
         itm_logits = self.cls.seq_relationship(pooled)
 

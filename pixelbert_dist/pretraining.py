@@ -28,7 +28,7 @@ def resolve(cfg: PretrainConfig, tokenizer) -> ResolvedRun:
 def itm_scorer(model: PixelBert):
     """Match score of the ITM head: log-odds of "matches", i.e. logit(yes) - logit(no)."""
     def score(input_ids, attention_mask, visual, visual_mask):
-        logits = model.cls.seq_relationship(model.bert.pooler(model.encode(input_ids, attention_mask,
+        logits = model.cls.seq_relationship(model.bert.pooler(model.fuse(input_ids, attention_mask,
                                                                             visual, visual_mask)))
         return logits[:, 1] - logits[:, 0]
     return score

@@ -2,6 +2,8 @@
 
 URI: tracking.uri, else MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working folder.
 A resumed job passes the run id it saved in its checkpoint and continues the same run.
+The run is the home of what it made: params and metrics, the resolved config and the
+DeepSpeed JSON under `config/`, the trained model under `model/` (optionally registered).
 """
 
 from __future__ import annotations
@@ -71,6 +73,29 @@ class Tracker:
     def tag(self, key: str, value: str) -> None:
         import mlflow
         self._call("set_tag", mlflow.set_tag, key, value)
+
+    def log_dict(self, value: dict, artifact_file: str) -> None:
+        """`value` as a JSON or YAML artifact (by the file's extension)."""
+        import mlflow
+        self._call("log_dict", mlflow.log_dict, value, artifact_file)
+
+    def log_folder(self, local_dir: str, artifact_path: str) -> None:
+        import mlflow
+        self._call("log_artifacts", mlflow.log_artifacts, local_dir, artifact_path)
+
+    def register(self, name: str, artifact_path: str) -> str | None:
+        """A new version of registered model `name` from this run's `artifact_path`; its version."""
+        def create():
+            from mlflow import MlflowClient
+
+            client = MlflowClient()
+            try:
+                client.get_registered_model(name)
+            except Exception:  # not registered yet (MLflow raises RestException / MlflowException)
+                client.create_registered_model(name)
+            source = f"{client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+            return client.create_model_version(name, source, run_id=self.run_id).version
+        return self._call("register_model", create)
 
     def end(self) -> None:
         import mlflow

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import socket
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from pixelbert_dist import distributed, evaluate
 from pixelbert_dist.checkpoint import Checkpointer
 from pixelbert_dist.config import ConfigError, PretrainConfig
+from pixelbert_dist.consolidate import full_state_dict
 from pixelbert_dist.data.loader import StreamingLoader
 from pixelbert_dist.data.plan import Manifest
 from pixelbert_dist.distributed import DistInfo
@@ -90,6 +92,7 @@ class Trainer:
             self.evaluate()
         if self.pairs_log is not None:
             self.pairs_log.close()
+        self._log_model()
         self.tracker.end()
         return {**self.last_metrics, **self.eval_metrics}
 
@@ -144,6 +147,24 @@ class Trainer:
         if location is not None:
             self.tracker.tag(f"checkpoint.{Path(location).name}", location)
 
+    def _log_model(self) -> None:
+        """The trained model (fp32 masters, in save_pretrained's layout) as the run's `model`
+        artifact, and registered under tracking.register_model; task models are not logged."""
+        tracking = self.cfg.tracking
+        if not tracking.log_model or not hasattr(self.engine.module, "save_pretrained"):
+            return
+        state = full_state_dict(self.engine, self.dist.is_main)  # every rank: ZeRO gathers the masters
+        if not (self.dist.is_main and self.tracker.enabled):
+            return
+        model = self.spec.build_model(self.run, False)
+        model.load_state_dict(state, strict=False)  # the MLM decoder is tied to the word embeddings
+        model.tokenizer, model.run_config = self.run.tokenizer, self.cfg.to_dict()
+        with tempfile.TemporaryDirectory() as folder:
+            self.tracker.log_folder(str(model.save_pretrained(folder)), "model")
+        if tracking.register_model:
+            version = self.tracker.register(tracking.register_model, "model")
+            self.log.info("registered %s version %s", tracking.register_model, version)
+
     def state_dict(self) -> dict:
         """The trainer's part of a checkpoint (the Checkpointer adds data position, RNG, config)."""
         return {"step": self.step, "mlflow_run_id": self.run_id}
@@ -157,6 +178,8 @@ class Trainer:
                   "data.decoder_used": self.loader.decoder, **flatten("deepspeed_json", self.ds_config)}
         self.run_id = self.tracker.start(self.run_id, params, {**run_tags(self.dist.launcher, hosts),
                                                                "job": self.spec.name})
+        self.tracker.log_dict(self.cfg.to_dict(), "config/resolved.yaml")  # what this run really ran with
+        self.tracker.log_dict(self.ds_config, "config/deepspeed.json")
         if self.cfg.train.log_pairs_to:
             Path(self.cfg.train.log_pairs_to).mkdir(parents=True, exist_ok=True)
             self.pairs_log = open(Path(self.cfg.train.log_pairs_to) / f"rank{self.dist.rank}.jsonl", "a")

@@ -210,6 +210,10 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name; empty lets MLflow pick one."""
+    log_model: bool = True
+    """At the end, log the trained model (save_pretrained's folder) as the run's `model` artifact."""
+    register_model: str = ""
+    """Also register that artifact in MLflow's model registry under this name (empty: do not)."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 
 from data_pipeline.shard_format import MANIFEST
-from data_pipeline.storage import StorageError, open_storage
+from data_pipeline.storage import Storage, StorageError, open_storage
 
 MIX_WINDOW = 16  # samples whose captions are dealt round-robin
 
@@ -65,6 +65,7 @@ class Manifest:
         except StorageError as err:
             raise StorageError(f"no dataset at {url}: {err}") from None
         self.shards = {s["name"]: s for s in data["shards"]}
+        self._stores: dict[str, Storage] = {}
         self.order = [s["name"] for s in data["shards"]]
         # first pair index of every window, per shard
         self._windows = {}
@@ -110,13 +111,30 @@ class Manifest:
     def total_pairs(self) -> int:
         return sum(total for _, total in self._windows.values())
 
+    def shard_location(self, shard: str) -> tuple[Storage, str]:
+        """Where a shard's tar is: beside the manifest, or at the `url` an index in another place lists."""
+        url = self.shards[shard].get("url")
+        if url is None:
+            return self.storage, shard
+        folder, _, name = url.rpartition("/")
+        if folder not in self._stores:
+            self._stores[folder] = open_storage(folder or "/")
+        return self._stores[folder], name
+
+    def open_shard(self, shard: str, offset: int = 0):
+        storage, name = self.shard_location(shard)
+        return storage.open_read(name, offset)
+
     def check_shards_present(self) -> None:
         """A listed shard that is missing or of the wrong size is an error before training."""
         for name, shard in self.shards.items():
-            size = self.storage.size(name)
+            storage, stored_as = self.shard_location(name)
+            size = storage.size(stored_as)
             if size != shard["bytes"]:
                 found = "missing" if size is None else f"{size} bytes"
-                raise StorageError(f"{self.url}: shard {name} is {found}, the manifest lists {shard['bytes']} bytes")
+                where = f" ({shard['url']})" if "url" in shard else ""
+                raise StorageError(f"{self.url}: shard {name}{where} is {found}, "
+                                   f"the manifest lists {shard['bytes']} bytes")
 
 
 def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:

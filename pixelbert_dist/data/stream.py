@@ -6,12 +6,13 @@ only raw member bytes and our own JSON come out of a tar: nothing is unpickled.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from data_pipeline.shard_format import read_samples
+from data_pipeline.shard_format import IMG2DATASET, caption_of, image_member, read_listed
 from pixelbert_dist.data.plan import Manifest, Segment, round_robin
 
 
@@ -31,23 +32,32 @@ class Pair:
 def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
     """Pairs [start, end) of a shard, in the shard's pair order (windows dealt round-robin)."""
     first_sample, position = manifest.locate(segment.shard, segment.start)
-    offset = manifest.shards[segment.shard]["samples"][first_sample]["offset"]
+    shard = manifest.shards[segment.shard]
+    listed = shard["samples"]
+    offset = listed[first_sample]["offset"]
+    indexed = shard.get("layout") == IMG2DATASET  # an existing tar: only the samples listed are read
     pair = segment.start
-    with manifest.storage.open_read(segment.shard, offset) as stream:
-        samples = read_samples(stream)
+    with manifest.open_shard(segment.shard, offset) as stream:
+        samples = read_listed(stream, itertools.islice(listed, first_sample, None), offset)
         while pair < segment.end:
             counts = manifest.window_counts(segment.shard, first_sample)
-            window = [next(samples) for _ in counts]
-            decoded = [(entry.key, members, json.loads(members["json"])) for entry, members in window]
+            decoded = [_unpack(listed[first_sample + i]["key"], next(samples), indexed) for i in range(len(counts))]
             for sample, caption in round_robin(counts, manifest.group)[position:]:
                 if pair >= segment.end:
                     return
-                key, members, meta = decoded[sample]
-                targets = meta.get("targets")
-                yield Pair(segment.shard, pair, key, members.get("jpg", b""), meta["captions"][caption],
-                           None if targets is None else targets[caption], members.get("right.jpg"))
+                key, image, captions, targets, image2 = decoded[sample]
+                yield Pair(segment.shard, pair, key, image, captions[caption],
+                           None if targets is None else targets[caption], image2)
                 pair += 1
             first_sample, position = first_sample + len(counts), 0
+
+
+def _unpack(key: str, members: dict[str, bytes], indexed: bool) -> tuple:
+    """(key, image bytes, captions, targets, second image) of one sample."""
+    if indexed:  # img2dataset's layout, checked when it was indexed
+        return key, members[image_member(members)], [caption_of(members)], None, None
+    meta = json.loads(members["json"])
+    return key, members.get("jpg", b""), meta["captions"], meta.get("targets"), members.get("right.jpg")
 
 
 def interleave_order(manifest: Manifest, segments: list[Segment], open_count: int,

@@ -25,10 +25,10 @@ from pixelbert_dist.data.task_batch import TaskBatchBuilder
 from pixelbert_dist.data.types import TaskBatch
 from pixelbert_dist.flops import measure_flops
 from pixelbert_dist.model import PixelBert
+from pixelbert_dist.pretrained import CONFIG, WEIGHTS
 from pixelbert_dist.spec import ResolvedRun
 
 OUTPUT_KEYS = ("loss", "accuracy")  # TaskOutput's fields logged in training
-EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"  # pixelbert_dist.export's files
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ class PixelBertForTask(nn.Module):
 
     def pooled(self, input_ids: Tensor, attention_mask: Tensor, visual: Tensor, visual_mask: Tensor) -> Tensor:
         """[CLS] after the transformer and BERT's pooler, one row per text sequence."""
-        hidden = self.body.encode(input_ids, attention_mask, visual, visual_mask)
+        hidden = self.body.fuse(input_ids, attention_mask, visual, visual_mask)
         return self.body.bert.pooler(hidden)
 
 
@@ -85,11 +85,11 @@ class PixelBertForTask(nn.Module):
 def pretrained_model_config(init: str) -> dict:
     """The model section a pre-trained checkpoint or export was trained with."""
     path = Path(init)
-    if (path / EXPORT_CONFIG).is_file():
-        return json.loads((path / EXPORT_CONFIG).read_text())["model"]
+    if (path / CONFIG).is_file():
+        return json.loads((path / CONFIG).read_text())["model"]
     if (path / checkpoint.COMPLETE).is_file():
         return checkpoint.read_client_state(path.parent, path.name)["config"]["model"]
-    raise ConfigError(f"task.init={init}: neither an exported model ({EXPORT_CONFIG}) nor a complete checkpoint "
+    raise ConfigError(f"task.init={init}: neither an exported model ({CONFIG}) nor a complete checkpoint "
                       f"({checkpoint.COMPLETE})")
 
 
@@ -98,8 +98,8 @@ def load_pretrained(model: PixelBertForTask, init: str) -> None:
     from safetensors.torch import load_model
 
     path = Path(init)
-    if (path / EXPORT_WEIGHTS).is_file():
-        load_model(model.body, str(path / EXPORT_WEIGHTS))
+    if (path / WEIGHTS).is_file():
+        load_model(model.body, str(path / WEIGHTS))
     else:
         checkpoint.load_weights_only(model.body, path.parent, path.name)
 

@@ -172,6 +172,9 @@ def test_deepspeed_json_conflicts_and_shapes_are_named_before_training(tmp_path)
     ds.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ConfigError, match="bf16"):
         deepspeed_config(cfg, world_size=2)
+    ds.write_text(json.dumps({"bf16": {"check_grad_overflow": False}}))  # the JSON's own key: no conflict
+    merged = deepspeed_config(load_config(TINY, [f"--deepspeed.config={ds}", "--train.precision=bf16"]), world_size=2)
+    assert merged["bf16"] == {"check_grad_overflow": False, "enabled": True}
     ds.write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True}}))
     merged = deepspeed_config(cfg, world_size=2)
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
@@ -288,3 +291,49 @@ def test_ray_launcher_under_ray_job_submit_on_a_ray_start_cluster(data, tmp_path
         params = dict(con.execute("select key, value from params").fetchall())
     assert tags["launcher"] == "ray" and params["world_size"] == "2"
     assert (tmp_path / "ckpt" / "step00000003" / "complete.json").exists()
+
+
+def _rest(url: str, body: dict | None = None) -> dict:
+    import urllib.request
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_the_mlflow_server_holds_the_runs_metrics_config_model_and_registry_entry(data, tmp_path, mlflow_server):
+    import urllib.request
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load as load_safetensors
+
+    # bf16 under ZeRO-2: the logged model must be the optimizer's fp32 masters, not the bf16 copies
+    done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, train__precision="bf16", checkpoint__every_steps=2,
+                              tracking__uri=mlflow_server, tracking__experiment="home",
+                              tracking__register_model="pixelbert-tiny"), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = _rest(f"{api}/experiments/get-by-name?experiment_name=home")["experiment"]["experiment_id"]
+    [run] = _rest(f"{api}/runs/search", {"experiment_ids": [experiment]})["runs"]
+    run_id = run["info"]["run_id"]
+    assert {m["key"] for m in run["data"]["metrics"]} >= {"loss", "mlm_loss", "itm_loss", "samples_per_s", "mfu"}
+
+    def listing(path: str) -> set[str]:
+        files = _rest(f"{api}/artifacts/list?run_id={run_id}&path={path}").get("files", [])
+        return {f["path"].rsplit("/", 1)[-1] for f in files}
+
+    assert listing("config") == {"resolved.yaml", "deepspeed.json"}
+    assert {"model.safetensors", "config.json", "tokenizer_config.json"} <= listing("model"), listing("model")
+    versions = _rest(f"{api}/registered-models/get?name=pixelbert-tiny")["registered_model"]["latest_versions"]
+    assert [v["run_id"] for v in versions] == [run_id]
+
+    with urllib.request.urlopen(f"{mlflow_server}/get-artifact?path=model/model.safetensors&run_uuid={run_id}") as r:
+        logged = load_safetensors(r.read())
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ckpt"), tag="step00000002")
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}  # saved once, as their originals
+    assert masters.keys() <= logged.keys() | tied
+    assert logged["bert.embeddings.word_embeddings.weight"].dtype == torch.float32
+    for name, tensor in masters.items():  # a bf16 copy would differ from its master in the low bits
+        if name in logged:
+            assert torch.equal(logged[name].float(), tensor.float()), name

@@ -178,7 +178,7 @@ def test_text_side_matches_transformers_bert_after_loading_its_weights(tiny_cfg,
     attention_mask = torch.ones(3, 12, dtype=torch.long)
     attention_mask[1, 8:] = 0
     with torch.no_grad():
-        ours = model.encode(input_ids, attention_mask)
+        ours = model.fuse(input_ids, attention_mask)
         theirs = reference(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     keep = attention_mask.bool()
     assert torch.allclose(ours[keep], theirs[keep], atol=1e-5), (ours[keep] - theirs[keep]).abs().max()

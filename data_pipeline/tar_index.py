@@ -1,0 +1,167 @@
+"""Index one existing WebDataset tar in a single sequential read, without writing to it.
+
+Each member is read once, as it streams past: the sha256 of the whole tar is computed on the
+way, images are opened only far enough for PIL to parse their header (width, height), and
+nothing is extracted to disk or followed as a path. A sample is a run of consecutive
+members sharing a key (WebDataset's rule); it is listed when the loader can use it and
+otherwise named with a reason:
+
+    unsafe_member     a member named `../x`, `/abs/x`, ... or a link, device or fifo
+    duplicate_member  two members of one sample with the same extension
+    missing_image     no KEY.jpg|jpeg|png|webp
+    empty_file        a zero-byte image
+    corrupt_image     PIL cannot parse the image's header
+    too_large         the header claims more than `max_pixels`
+    non_utf8_caption  KEY.txt is not UTF-8
+    empty_caption     no KEY.txt text and no "caption" in KEY.json
+    truncated_tar     the tar ends inside this sample, or without its end-of-archive blocks
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from PIL import Image
+
+from data_pipeline.shard_format import (TAR_BLOCK, Member, SampleEntry, caption_of, image_member, split_member,
+                                        unsafe_member)
+
+
+class _Hashing:
+    """A read-only stream that hashes what passes and remembers where the last non-zero byte was."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.digest, self.total, self.data_end = raw, hashlib.sha256(), 0, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read() if size is None or size < 0 else self.raw.read(size)
+        self.digest.update(data)
+        stripped = len(data.rstrip(b"\0"))
+        if stripped:
+            self.data_end = self.total + stripped
+        self.total += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+@dataclass
+class _Group:
+    entry: SampleEntry
+    members: dict[str, bytes] = field(default_factory=dict)
+    bad: tuple[str, str] | None = None  # (reason, detail)
+
+
+@dataclass
+class TarIndex:
+    samples: list[dict]                 # key, offset, size, captions (1), width, height: manifest entries
+    entries: list[SampleEntry]          # the same samples with their members, for the DALI index
+    skipped: list[dict]                 # key, reason, detail
+    bytes: int
+    sha256: str
+    truncated: bool
+
+    @property
+    def skipped_counts(self) -> dict[str, int]:
+        return dict(Counter(s["reason"] for s in self.skipped))
+
+
+def index_stream(raw: BinaryIO, max_pixels: int) -> TarIndex:
+    """Walk a tar sequentially (a streaming S3 body works) and sort its samples into good and skipped."""
+    stream = _Hashing(raw)
+    samples, entries, skipped = [], [], []
+    group: _Group | None = None
+    truncated = False
+
+    def finish(current: _Group | None) -> None:
+        if current is None:
+            return
+        try:
+            if current.bad:
+                raise _Skip(*current.bad)
+            width, height = _check(current.members, max_pixels)
+        except _Skip as skip:
+            skipped.append({"key": current.entry.key, "reason": skip.reason, "detail": skip.detail})
+            return
+        entries.append(current.entry)
+        samples.append({**current.entry.to_manifest(), "captions": 1, "width": width, "height": height})
+
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                if info.isdir():
+                    continue
+                key, ext = split_member(info.name)
+                if group is None or key != group.entry.key:
+                    finish(group)
+                    group = _Group(SampleEntry(key, info.offset, 0))
+                if unsafe_member(info.name) or not info.isfile():
+                    group.bad = group.bad or ("unsafe_member", f"{info.name!r} ({_kind(info)})")
+                    continue  # its data is skipped unread; a link is never followed
+                if ext in group.members:
+                    group.bad = group.bad or ("duplicate_member", info.name)
+                group.members[ext] = tar.extractfile(info).read()
+                group.entry.members.append(Member(ext, info.offset_data, info.size))
+                group.entry.size = info.offset_data + -(-info.size // TAR_BLOCK) * TAR_BLOCK - group.entry.offset
+            end = tar.offset
+        stream.drain()
+        # a complete tar ends with two zero blocks after its last member; a cut one does not
+        if stream.data_end > end or stream.total < end + 2 * TAR_BLOCK:
+            truncated = True
+            if group is not None:
+                group.bad = ("truncated_tar", f"no end-of-archive after byte {end} of {stream.total}")
+    except (tarfile.TarError, EOFError) as err:  # the tar ends inside a member
+        truncated = True
+        if group is not None:
+            group.bad = ("truncated_tar", str(err))
+        stream.drain()
+    finish(group)
+    return TarIndex(samples, entries, skipped, stream.total, stream.digest.hexdigest(), truncated)
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.issym() or info.islnk():
+        return f"link to {info.linkname!r}"
+    return "file" if info.isfile() else "special file"
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+def _check(members: dict[str, bytes], max_pixels: int) -> tuple[int, int]:
+    """(width, height) of a usable sample; raises _Skip naming why it is not."""
+    ext = image_member(members)
+    if ext is None:
+        raise _Skip("missing_image", f"members {sorted(members)}")
+    data = members[ext]
+    if not data:
+        raise _Skip("empty_file", f"{ext}: zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # parses the header only; no pixel is decoded
+                width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise _Skip("too_large", str(err)) from None
+    except Exception as err:  # PIL raises many kinds on garbage
+        raise _Skip("corrupt_image", f"{ext}: {type(err).__name__}: {err}") from None
+    if width * height > max_pixels:
+        raise _Skip("too_large", f"{width}x{height} over {max_pixels} pixels")
+    try:
+        caption = caption_of(members)
+    except UnicodeDecodeError as err:
+        raise _Skip("non_utf8_caption", str(err)) from None
+    if caption is None:
+        raise _Skip("empty_caption", "no KEY.txt text and no caption in KEY.json")
+    return width, height
