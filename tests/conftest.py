@@ -167,7 +167,8 @@ def mlflow_server(tmp_path_factory):
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"), start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"), start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes: not used
     deadline = time.time() + 120
     while True:
         try:
