@@ -74,7 +74,7 @@ def train(root: Path, url: str, steps: int) -> None:
         "--source", "coco:captions=syn/annotations/captions.json,images=syn/images")
     run("pixelbert_dist.tokenizer", "--captions", "syn/annotations/captions.json", "--out", "vocab")
     run("pixelbert_dist.pretrain", "--config", REPO / "configs/pretrain/tiny-cpu.yaml",
-        "--deepspeed.config", REPO / "configs/deepspeed/zero2.json", "--data.train_manifest=shards",
+        f"--deepspeed.config={REPO / 'configs/deepspeed/zero2.json'}", "--data.train_manifest=shards",
         "--data.tokenizer=vocab/vocab.txt", "--data.num_workers=0", "--train.global_batch_size=8",
         "--train.micro_batch_size=8", f"--train.max_steps={steps}", "--train.log_every=1",
         "--checkpoint.dir=checkpoints", f"--tracking.uri={url}", "--tracking.experiment=ui-check",

@@ -50,6 +50,7 @@ def init(launcher: str | None = None) -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     import deepspeed
 
+    launcher = launcher or detect_launcher()  # before a world of one sets RANK/LOCAL_RANK for itself
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -61,7 +62,7 @@ def init(launcher: str | None = None) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     deepspeed.init_distributed(dist_backend=backend)  # wraps a group Ray Train already made
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher or detect_launcher())
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher)
 
 
 def all_agree(flag: bool) -> bool:

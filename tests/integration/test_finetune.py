@@ -107,6 +107,9 @@ def test_nlvr2_trains_evaluates_and_resumes_into_the_same_run(tasks, tmp_path):
     assert [s for s, _ in metrics["eval.nlvr2_accuracy"]] == [2, 4]
     assert 0 <= metrics["eval.nlvr2_accuracy"][-1][1] <= 100
     assert all(0 < v < 1 for _, v in metrics["mfu"])
+    with sqlite3.connect(tmp_path / "mlruns.db") as con:
+        tags = dict(con.execute("select key, value from tags").fetchall())
+    assert tags["launcher"] == "single" and tags["job"] == "nlvr2"  # a plain process, not "deepspeed"
 
 
 def test_config_faults_are_named_before_training(tmp_path):
