@@ -26,7 +26,7 @@ from pathlib import Path
 
 from data_pipeline.images import DEFAULT_MAX_PIXELS
 from data_pipeline.shard_format import FORMAT, IMG2DATASET, INDEX_FORMAT, MANIFEST, dali_index, unsafe_member
-from data_pipeline.storage import StorageError, open_storage
+from data_pipeline.storage import StorageError, StorageUnavailable, open_storage
 from data_pipeline.tar_index import index_stream
 from data_pipeline.version import code_version
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         out = open_storage(out_url)
         out.check_writable()
         check_output(out, args.overwrite)
-    except StorageError as err:
+    except (StorageError, StorageUnavailable) as err:  # named before any tar is read
         log.error("%s", err)
         return 2
     log.info("%d tars under %s -> %s", len(urls), folder, out.url)

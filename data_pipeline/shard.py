@@ -31,7 +31,8 @@ from data_pipeline.images import DEFAULT_MAX_PIXELS, BadImage, ImageSettings, pr
 from data_pipeline.shard_format import (FORMAT, JOB, MANIFEST, ShardResult, ShardWriter, dali_index,
                                         index_name, is_job_file, shard_name, stats_name)
 from data_pipeline.sources import Record, SourceError, SourceSpec, read_records
-from data_pipeline.storage import Storage, StorageError, open_storage, read_uri, sha256_of, spool_dir
+from data_pipeline.storage import (Storage, StorageError, StorageUnavailable, open_storage, read_uri, sha256_of,
+                                   spool_dir)
 from data_pipeline.version import code_version
 
 log = logging.getLogger("data_pipeline.shard")
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if not plan.shards:
             raise SourceError("the sources hold no usable image-caption pairs")
         prepare_output(storage, plan, settings, args.overwrite)
-    except (SourceError, StorageError) as err:
+    except (SourceError, StorageError, StorageUnavailable) as err:  # named before any image is read
         log.error("%s", err)
         return 2
     log.info("%d images in %d shards -> %s", sum(map(len, plan.shards)), len(plan.shards), storage.url)

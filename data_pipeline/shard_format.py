@@ -28,6 +28,15 @@ DALI_INDEX_VERSION = "v1.2"
 # img2dataset's order; the image comes first (a sample's offset is its jpg's header), a pair's
 # right image next: its extension is "right.jpg" for WebDataset, DALI and wds2idx alike.
 MEMBER_ORDER = ("jpg", "right.jpg", "txt", "json")
+# Caps on what a reader allocates for one tar member / one listed sample, whatever a header or a
+# manifest announces: an image, caption or metadata member above this is a broken or hostile tar.
+MAX_MEMBER_BYTES = 64 << 20
+MAX_SAMPLE_BYTES = 4 * MAX_MEMBER_BYTES + 16 * TAR_BLOCK
+
+
+class ShardFormatError(ValueError):
+    """A shard's bytes are not what its manifest lists; the message names the shard, and the
+    sample's key and offset (or the member's offset)."""
 
 
 def shard_name(index: int) -> str:
@@ -105,17 +114,23 @@ def dali_index(samples: Iterable[SampleEntry]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_samples(stream: BinaryIO) -> Iterator[tuple[SampleEntry, dict[str, bytes]]]:
+def read_samples(stream: BinaryIO,
+                 max_member: int = MAX_MEMBER_BYTES) -> Iterator[tuple[SampleEntry, dict[str, bytes]]]:
     """Walk a shard sequentially (a streaming body works); yields entries and member bytes.
 
-    Only raw bytes come out: nothing is unpickled or decoded here.
+    Only raw bytes come out: nothing is unpickled or decoded here. A member whose header
+    announces more than `max_member` bytes is an error before any of it is read.
     """
     current: SampleEntry | None = None
     data: dict[str, bytes] = {}
+    source = getattr(stream, "name", "shard")
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
                 continue
+            if info.size > max_member:
+                raise ShardFormatError(f"{source}: member {info.name!r} at offset {info.offset} announces "
+                                       f"{info.size} bytes (more than the cap of {max_member})")
             key, _, ext = info.name.partition(".")
             payload = tar.extractfile(info).read()
             if current is None or key != current.key:
@@ -200,30 +215,82 @@ def caption_of(members: dict[str, bytes]) -> str | None:
     return text or None
 
 
-def read_listed(stream: BinaryIO, samples: Iterable[dict], start: int) -> Iterator[dict[str, bytes]]:
+def read_listed(stream: BinaryIO, samples: Iterable[dict], start: int,
+                source: str | None = None) -> Iterator[dict[str, bytes]]:
     """Member bytes (by ext) of each listed sample; `stream` is positioned at byte `start`.
 
-    Bytes between listed samples are read past, never parsed; nothing is unpickled or decoded.
+    Bytes between listed samples are read past, never parsed; nothing is unpickled, decoded or
+    written. A sample's bytes must be one tar run of its own key's plain files, each within the
+    sample's listed size: anything else (a shard cut short, offsets or keys that disagree with
+    the manifest, a bad header, `../x` or `/abs` names, links, a header announcing more bytes
+    than the sample holds) is a ShardFormatError naming `source` (the shard), key and offset.
     """
+    source = source or getattr(stream, "name", "shard")
     position = start
     for sample in samples:
-        _read_exactly(stream, sample["offset"] - position, discard=True)
-        chunk = _read_exactly(stream, sample["size"])
-        position = sample["offset"] + sample["size"]
-        members = {}
+        key, offset, size = sample["key"], sample["offset"], sample["size"]
+        where = f"{source}: sample {key!r} at offset {offset}"
+        if offset < position or not 0 < size <= MAX_SAMPLE_BYTES:
+            raise ShardFormatError(f"{where}: listed with {size} bytes after byte {position} (a broken manifest)")
+        try:
+            _read_exactly(stream, offset - position, discard=True)
+            chunk = _read_exactly(stream, size)
+        except EOFError as err:
+            raise ShardFormatError(f"{where}: {err} (the shard is shorter than its manifest says)") from None
+        position = offset + size
+        yield sample_members(chunk, key, where, offset)
+
+
+def sample_members(chunk: bytes, key: str, where: str, offset: int) -> dict[str, bytes]:
+    """The members of one listed sample's bytes (from shard byte `offset`), checked as read_listed says."""
+    members, end = {}, 0
+    try:
         with tarfile.open(fileobj=io.BytesIO(chunk), mode="r:") as tar:
             for info in tar:
-                if info.isfile():
-                    members[split_member(info.name)[1]] = tar.extractfile(info).read()
-        yield members
+                name = info.name
+                if info.isdir():  # an index skips folder entries too; nothing is ever written
+                    end = info.offset_data
+                    continue
+                if unsafe_member(name) or not info.isfile():
+                    raise ShardFormatError(f"{where}: member {name!r} is not a plain file with a safe name")
+                if split_member(name)[0] != key:
+                    raise ShardFormatError(f"{where}: holds member {name!r}, not one of {key!r} "
+                                           "(the tar disagrees with its manifest)")
+                if info.size > MAX_MEMBER_BYTES or info.offset_data + info.size > len(chunk):
+                    raise ShardFormatError(f"{where}: member {name!r} announces {info.size} bytes; the sample "
+                                           f"holds {len(chunk)}")
+                members[split_member(name)[1]] = tar.extractfile(info).read()
+                end = info.offset_data + -(-info.size // TAR_BLOCK) * TAR_BLOCK
+    except tarfile.TarError as err:
+        raise ShardFormatError(f"{where}: not a tar sample ({err}); the tar disagrees with its manifest") from None
+    if end != len(chunk):  # tarfile ends an archive quietly at a bad header after the first
+        raise ShardFormatError(f"{where}: no valid tar member at byte {offset + end} of the shard, inside the "
+                               f"sample's {len(chunk)} bytes (the tar disagrees with its manifest)")
+    return members
+
+
+def sample_metadata(members: dict[str, bytes], where: str, captions: int) -> dict:
+    """A sample's KEY.json as the loader needs it: an object whose "captions" are `captions`
+    strings (the count the manifest lists); otherwise a ShardFormatError naming `where`."""
+    try:
+        meta = json.loads(members["json"])
+    except KeyError:
+        raise ShardFormatError(f"{where}: no .json member") from None
+    except ValueError as err:
+        raise ShardFormatError(f"{where}: its .json member is not JSON ({err})") from None
+    texts = meta.get("captions") if isinstance(meta, dict) else None
+    if not (isinstance(texts, list) and len(texts) == captions and all(isinstance(t, str) for t in texts)):
+        raise ShardFormatError(f"{where}: its .json member does not hold the {captions} captions the manifest lists")
+    return meta
 
 
 def _read_exactly(stream: BinaryIO, size: int, discard: bool = False) -> bytes:
+    """`size` bytes, read 1 MiB at a time: a stream that ends early never costs `size` of memory."""
     parts, left = [], size
     while left > 0:
-        data = stream.read(min(left, 1 << 20) if discard else left)
+        data = stream.read(min(left, 1 << 20))
         if not data:
-            raise tarfile.ReadError(f"unexpected end of data: {left} of {size} bytes missing")
+            raise EOFError(f"unexpected end of data: {left} of {size} bytes missing")
         left -= len(data)
         if not discard:
             parts.append(data)

@@ -15,8 +15,10 @@ mid-write is never taken. Our state is JSON: readable, and loaded without unpick
 
 With `checkpoint.mirror` (an s3:// URL), each complete checkpoint is copied there: every
 rank sends the files it wrote (so node-local folders work), then rank 0 sends complete.json
-last. `--resume auto` takes the newer of the local and the mirrored checkpoint and fetches
-the mirrored one onto each node that lacks it.
+last, only if every rank's files arrived. An upload that fails (S3 down for longer than
+data_pipeline.storage.S3Settings allows) fails the save on every rank with a StorageError: the
+mirror's copy has no complete.json, so no resume takes it. `--resume auto` takes the newer of
+the local and the mirrored checkpoint and fetches the mirrored one onto each node that lacks it.
 
 A job resumed on another number of ranks cannot load ZeRO's optimizer partitions (DeepSpeed
 refuses a new data-parallel size, and its universal-checkpoint converter only knows Adam
@@ -29,15 +31,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from data_pipeline.storage import Storage, open_storage
+from data_pipeline.storage import Storage, StorageError, StorageUnavailable, open_storage
 from pixelbert_dist import distributed
 from pixelbert_dist.config import CheckpointConfig
 from pixelbert_dist.data.loader import merge_states
@@ -61,19 +65,45 @@ def complete_tags(root: str | Path) -> list[str]:
 
 
 def save(engine, root: str | Path, step: int, client_state: dict, keep_last: int, is_main: bool) -> Path:
-    """Every rank calls this; returns the checkpoint folder."""
+    """Every rank calls this; returns the checkpoint folder.
+
+    A folder of this step left by a save that was cut off is removed first (one writer per
+    node), so no file of it mixes into this one. Old checkpoints are pruned only once this one
+    is complete, each losing its marker first: a prune cut off leaves a partial folder, which
+    `--resume auto` ignores, never a "complete" one with files missing.
+    """
     root = Path(root)
     tag = tag_for(step)
+    if (is_main or os.environ.get("LOCAL_RANK") == "0") and (root / tag).exists():
+        _remove(root / tag)
+    dist.barrier()
+    _fault_injection_point(step, "before_engine_save")
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     dist.barrier()  # every rank's files are on disk before the marker
+    _fault_injection_point(step, "after_partitions")
     if is_main:
         (root / tag / CLIENT_STATE).write_text(json.dumps(client_state))
         (root / tag / COMPLETE).write_text(json.dumps({"step": step, "epoch": client_state.get("epoch"),
                                                        "world_size": dist.get_world_size()}))
         for old in complete_tags(root)[:-keep_last]:
-            shutil.rmtree(root / old, ignore_errors=True)
+            _remove(root / old)
     dist.barrier()
     return root / tag
+
+
+def _remove(folder: Path) -> None:
+    """The completion marker first, then the rest."""
+    (folder / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fault_injection_point(step: int, where: str) -> None:
+    """Fault injection for tests, off unless set: PIXELBERT_TEST_PAUSE_IN_SAVE=<rank>:<step>:<where>
+    (where: before_engine_save, after_partitions) makes that rank write its pid to `paused-in-save`
+    in its working directory and sleep there, so a test can kill -9 it at that moment of save()."""
+    if os.environ.get("PIXELBERT_TEST_PAUSE_IN_SAVE") == f"{dist.get_rank()}:{step}:{where}":
+        Path("paused-in-save").write_text(f"{os.getpid()}\n")
+        time.sleep(3600)
 
 
 # ZeRO names each rank's partition files; the rest (model states, our JSON) are rank 0's
@@ -89,41 +119,73 @@ def mirrored_tags(store: Storage) -> list[str]:
     return sorted(name.split("/")[0] for name in store.list() if name.endswith(f"/{COMPLETE}"))
 
 
+def _every_rank_did(work, what: str) -> None:
+    """Run `work()` on this rank, then raise on every rank if it failed on any: a rank whose
+    upload failed never leaves the others waiting in a barrier for it."""
+    try:
+        work()
+        failure = None
+    except (StorageError, StorageUnavailable) as err:
+        failure = f"rank {dist.get_rank()}: {err}"
+    failures = [f for f in distributed.gather_objects(failure) if f]  # also the ranks' barrier
+    if failures:
+        raise StorageError(f"{what}: {failures[0]}" + (f" (and {len(failures) - 1} more ranks)"
+                                                       if len(failures) > 1 else ""))
+
+
 def push(root: str | Path, tag: str, mirror: str, keep_last: int) -> None:
-    """Every rank calls this after `save`: copy the checkpoint to the mirror, prune old ones there."""
+    """Every rank calls this after `save`: copy the checkpoint to the mirror, prune old ones there.
+
+    A failed upload raises StorageError on every rank, and complete.json is not sent: the
+    partial copy stays in the mirror unmarked, where `pull_newest` never takes it.
+    """
     store, folder, rank = open_storage(mirror), Path(root) / tag, dist.get_rank()
-    for path in sorted(folder.rglob("*")):
-        name = path.relative_to(folder).as_posix()
-        if path.is_file() and name != COMPLETE and _writer_rank(path.name) == rank:
-            store.upload_file(f"{tag}/{name}", str(path))
-    dist.barrier()
-    if rank == 0:
+
+    def send_ours() -> None:
+        for path in sorted(folder.rglob("*")):
+            name = path.relative_to(folder).as_posix()
+            if path.is_file() and name != COMPLETE and _writer_rank(path.name) == rank:
+                store.upload_file(f"{tag}/{name}", str(path))
+
+    def mark_and_prune() -> None:
+        if rank != 0:
+            return
         store.upload_file(f"{tag}/{COMPLETE}", str(folder / COMPLETE))  # last: the copy is whole
         old = set(mirrored_tags(store)[:-keep_last])
         names = [n for n in store.list() if n.split("/")[0] in old]
         for name in sorted(names, key=lambda n: not n.endswith(COMPLETE)):  # marker first
             store.delete(name)
-    dist.barrier()
+
+    _every_rank_did(send_ours, f"checkpoint {tag} was not mirrored to {mirror} (no {COMPLETE} there, "
+                               "so no resume takes that copy; the local checkpoint is complete)")
+    _every_rank_did(mark_and_prune, f"checkpoint {tag}: marking or pruning the mirror {mirror} failed")
 
 
 def pull_newest(root: str | Path, mirror: str, local_rank: int) -> None:
     """Before `--resume auto`: fetch the mirror's newest checkpoint if it is newer than rank 0's.
 
     Rank 0 decides, so every node resumes the same step; local rank 0 of each node that
-    lacks that checkpoint downloads it (complete.json last).
+    lacks that checkpoint downloads it (complete.json last). Only checkpoints with
+    complete.json in the mirror count: a partial upload is never taken.
     """
     store = open_storage(mirror)
-    if dist.get_rank() == 0:
-        remote, local = mirrored_tags(store), complete_tags(root)
-        choice = remote[-1] if remote and (not local or remote[-1] > local[-1]) else None
-    else:
-        choice = None
-    tag = distributed.gather_objects(choice)[0]
-    if tag is not None and local_rank == 0 and tag not in complete_tags(root):
-        names = [n for n in store.list() if n.startswith(f"{tag}/")]
-        for name in sorted(names, key=lambda n: n.endswith(COMPLETE)):
-            store.download_file(name, str(Path(root) / name))
-    dist.barrier()
+    choice: list[str | None] = [None]
+
+    def decide() -> None:
+        if dist.get_rank() == 0:
+            remote, local = mirrored_tags(store), complete_tags(root)
+            choice[0] = remote[-1] if remote and (not local or remote[-1] > local[-1]) else None
+
+    _every_rank_did(decide, f"cannot list the checkpoint mirror {mirror}")
+    tag = distributed.gather_objects(choice[0])[0]
+
+    def fetch() -> None:
+        if tag is not None and local_rank == 0 and tag not in complete_tags(root):
+            names = [n for n in store.list() if n.startswith(f"{tag}/")]
+            for name in sorted(names, key=lambda n: n.endswith(COMPLETE)):
+                store.download_file(name, str(Path(root) / name))
+
+    _every_rank_did(fetch, f"cannot fetch checkpoint {tag} from the mirror {mirror}")
 
 
 def resolve(resume: str | None, root: str | Path) -> tuple[Path, str] | None:

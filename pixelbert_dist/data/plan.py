@@ -21,10 +21,73 @@ import json
 import random
 from dataclasses import dataclass
 
-from data_pipeline.shard_format import MANIFEST
-from data_pipeline.storage import Storage, StorageError, open_storage
+from data_pipeline.shard_format import IMG2DATASET, MANIFEST, MAX_SAMPLE_BYTES, TAR_BLOCK, unsafe_member
+from data_pipeline.storage import Storage, StorageError, open_storage, sha256_of
 
 MIX_WINDOW = 16  # samples whose captions are dealt round-robin
+MAX_CAPTIONS = 10_000  # per sample; a larger count is a broken manifest (the dealing would list them all)
+
+
+class ManifestError(ValueError):
+    """A manifest a reader must not trust: the message names it, the shard and the sample."""
+
+
+def check_manifest(url: str, data: object) -> None:
+    """Names, offsets and sizes before anything is read: a shard name is a relative path inside
+    the manifest's location (no `..`, no absolute path, no URL); only an index manifest's
+    shards (layout img2dataset) may say where their tar is (`url`, ending in the name); each
+    sample lies inside its shard's listed bytes, block-aligned, after the previous one, within
+    the reader's size cap, with a sane caption count."""
+    shards = data.get("shards") if isinstance(data, dict) else None
+    if not isinstance(shards, list):
+        raise ManifestError(f"{url}/{MANIFEST}: no list of shards")
+    names = set()
+    for shard in shards:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        where = f"{url}/{MANIFEST}: shard {name!r}"
+        if not isinstance(name, str) or unsafe_member(name) or ":" in name or name in names:
+            raise ManifestError(f"{where}: a shard name must be a unique relative path inside the dataset's "
+                                "location (no '..', absolute path or URL)")
+        names.add(name)
+        link = shard.get("url")
+        if link is not None and (shard.get("layout") != IMG2DATASET or not isinstance(link, str)
+                                 or not link.endswith(f"/{name}") or ".." in link.split("/")):
+            raise ManifestError(f"{where}: url {link!r} is not where an index of this shard points")
+        total, position = shard.get("bytes"), 0
+        if not _count(total) or not isinstance(shard.get("samples"), list):
+            raise ManifestError(f"{where}: no byte count or sample list")
+        for sample in shard["samples"]:
+            key, offset, size = (sample.get(k) for k in ("key", "offset", "size"))
+            if not (isinstance(key, str) and key and _count(offset) and _count(size) and 0 < size <= MAX_SAMPLE_BYTES
+                    and offset % TAR_BLOCK == 0 and position <= offset and offset + size <= total):
+                raise ManifestError(f"{where}: sample {key!r} at offset {offset} of {size} bytes is not inside the "
+                                    f"shard's {total} bytes after the previous sample (which ends at {position})")
+            if not (_count(sample.get("captions")) and sample["captions"] <= MAX_CAPTIONS):
+                raise ManifestError(f"{where}: sample {key!r} lists {sample.get('captions')!r} captions")
+            position = offset + size
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _NamedStream:
+    """A shard's byte stream that names the shard (`name`), as read errors quote it."""
+
+    def __init__(self, stream, name: str) -> None:
+        self._stream, self.name = stream, name
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(size)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> "_NamedStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def round_robin(counts: list[int], group: int = 1) -> list[tuple[int, int]]:
@@ -64,6 +127,9 @@ class Manifest:
             data = json.loads(self.storage.read_bytes(MANIFEST))
         except StorageError as err:
             raise StorageError(f"no dataset at {url}: {err}") from None
+        except ValueError as err:
+            raise ManifestError(f"{url}/{MANIFEST} is not JSON: {err}") from None
+        check_manifest(url, data)
         self.shards = {s["name"]: s for s in data["shards"]}
         self._stores: dict[str, Storage] = {}
         self.order = [s["name"] for s in data["shards"]]
@@ -122,19 +188,28 @@ class Manifest:
         return self._stores[folder], name
 
     def open_shard(self, shard: str, offset: int = 0):
+        """The shard's bytes from `offset`, as a stream whose `name` read errors quote."""
         storage, name = self.shard_location(shard)
-        return storage.open_read(name, offset)
+        return _NamedStream(storage.open_read(name, offset), self.shards[shard].get("url") or f"{self.url}/{shard}")
 
-    def check_shards_present(self) -> None:
-        """A listed shard that is missing or of the wrong size is an error before training."""
+    def check_shards_present(self, checksums: bool = False) -> None:
+        """A listed shard that is missing or of the wrong size is an error before training;
+        with `checksums`, so is one whose bytes do not hash to the manifest's sha256 (every
+        byte is read: minutes per TB)."""
         for name, shard in self.shards.items():
             storage, stored_as = self.shard_location(name)
             size = storage.size(stored_as)
+            where = f" ({shard['url']})" if "url" in shard else ""
             if size != shard["bytes"]:
                 found = "missing" if size is None else f"{size} bytes"
-                where = f" ({shard['url']})" if "url" in shard else ""
                 raise StorageError(f"{self.url}: shard {name}{where} is {found}, "
                                    f"the manifest lists {shard['bytes']} bytes")
+            if checksums and shard.get("sha256"):
+                with storage.open_read(stored_as) as stream:
+                    digest, _ = sha256_of(stream)
+                if digest != shard["sha256"]:
+                    raise StorageError(f"{self.url}: shard {name}{where} has sha256 {digest}, "
+                                       f"the manifest lists {shard['sha256']}")
 
 
 def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:

@@ -7,12 +7,11 @@ only raw member bytes and our own JSON come out of a tar: nothing is unpickled.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from data_pipeline.shard_format import IMG2DATASET, caption_of, image_member, read_listed
+from data_pipeline.shard_format import IMG2DATASET, caption_of, image_member, read_listed, sample_metadata
 from pixelbert_dist.data.plan import Manifest, Segment, round_robin
 
 
@@ -41,7 +40,8 @@ def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
         samples = read_listed(stream, itertools.islice(listed, first_sample, None), offset)
         while pair < segment.end:
             counts = manifest.window_counts(segment.shard, first_sample)
-            decoded = [_unpack(listed[first_sample + i]["key"], next(samples), indexed) for i in range(len(counts))]
+            decoded = [_unpack(listed[first_sample + i], next(samples), indexed, segment.shard)
+                       for i in range(len(counts))]
             for sample, caption in round_robin(counts, manifest.group)[position:]:
                 if pair >= segment.end:
                     return
@@ -52,11 +52,12 @@ def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
             first_sample, position = first_sample + len(counts), 0
 
 
-def _unpack(key: str, members: dict[str, bytes], indexed: bool) -> tuple:
-    """(key, image bytes, captions, targets, second image) of one sample."""
+def _unpack(entry: dict, members: dict[str, bytes], indexed: bool, shard: str) -> tuple:
+    """(key, image bytes, captions, targets, second image) of one sample the manifest lists."""
+    key = entry["key"]
     if indexed:  # img2dataset's layout, checked when it was indexed
         return key, members[image_member(members)], [caption_of(members)], None, None
-    meta = json.loads(members["json"])
+    meta = sample_metadata(members, f"{shard}: sample {key!r}", entry["captions"])
     return key, members.get("jpg", b""), meta["captions"], meta.get("targets"), members.get("right.jpg")
 
 

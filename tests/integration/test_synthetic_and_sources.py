@@ -59,7 +59,7 @@ def test_manifest_without_the_image_column_names_it(tmp_path):
 
 
 def test_s3_storage_round_trip_with_multipart_and_ranges(tmp_path, bucket, monkeypatch):
-    from data_pipeline import storage as storage_module
+    from data_pipeline.storage import s3 as storage_module
     from data_pipeline.storage import StorageError, open_storage, read_uri, sha256_of
 
     monkeypatch.setattr(storage_module, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's smallest part
