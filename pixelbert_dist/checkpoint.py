@@ -1,4 +1,6 @@
 """Checkpoints: DeepSpeed's own save/load plus our client state, a completion marker, keep-last-K.
+(Just over 300 lines: the Checkpointer and the file-level functions it orchestrates
+(save, mirror push/pull, elastic load) change together.)
 
     checkpointer = Checkpointer(cfg.checkpoint, dist_info, resume="auto", seed=cfg.train.seed)
     model = build(pretrained=not checkpointer.resuming); checkpointer.prepare_model(model)

@@ -1,4 +1,5 @@
 """`s3://bucket/prefix` through boto3: timeouts, bounded retries, GETs that resume where they broke.
+(Just over 300 lines: the retrying body and the client it reopens share one set of bounds.)
 
 Writes, heads and listings are retried by botocore; every GET (`read_bytes`, `open_read`) is
 retried here, each failure logged: a read that breaks reopens the object with a ranged GET

@@ -1,4 +1,5 @@
 """Hostile data at read time: shards and manifests that lie, driven through the loader directly.
+(Over 300 lines: one fixture dataset serves every hostile case; each case is a few lines.)
 
 Each fault must end in an error that names the shard and the sample's key or offset, or in
 the sample skipped and counted; never a huge allocation, a file written, or a hang (with two

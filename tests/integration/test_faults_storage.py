@@ -1,4 +1,5 @@
 """Storage faults: the S3 server stops answering for N seconds, then comes back.
+(Over 300 lines: the freezable S3 server fixture serves all three outages.)
 
 The outage is real: this module's own moto server is frozen with SIGSTOP and resumed with
 SIGCONT, so its state survives and open connections hang, as when an object store stalls.

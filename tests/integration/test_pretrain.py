@@ -1,4 +1,7 @@
-"""Pre-training for real: DeepSpeed on gloo, 2 CPU processes, checkpoints, resume, MLflow."""
+"""Pre-training for real: DeepSpeed on gloo, 2 CPU processes, checkpoints, resume, MLflow.
+
+Over 300 lines: every test here shares the one sharded dataset on S3 (the `data` fixture).
+"""
 
 import json
 import os
