@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from pixelbert_dist.config import load_config  # noqa: E402
-from tests.launch import REPO, free_port  # noqa: E402
+from tests.launch import REPO, free_port, start_moto, wait_until_answering  # noqa: E402
 TINY = REPO / "configs" / "pretrain" / "tiny-cpu.yaml"
 
 
@@ -33,28 +33,7 @@ def mlflow_metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server as a real process on 127.0.0.1; code reaches it only through boto3."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    proc, endpoint, env = start_moto()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield endpoint
@@ -157,8 +136,6 @@ def mlflow_server(tmp_path_factory):
     import signal
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
@@ -169,16 +146,7 @@ def mlflow_server(tmp_path_factory):
          "--artifacts-destination", str(root / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"), start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes: not used
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError(f"mlflow server did not come up: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    wait_until_answering(proc, f"{url}/health", "mlflow server", 120, log=root / "server.log")
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     try:

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import shard
-from data_pipeline.synthetic import generate
 from pixelbert_dist.checkpoint import COMPLETE, complete_tags
 from pixelbert_dist.data.plan import Manifest
-from pixelbert_dist.tokenizer import train_wordpiece
+from tests.datasets import synthetic_shards
 from tests.conftest import TINY
 from tests.faults import record_fault
 from tests.launch import REPO, job_command, job_env
@@ -32,13 +30,8 @@ MARKER = "paused-in-save"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local):
     """16 synthetic images x 5 captions in 2 local shards: one epoch is 10 steps of 2 x 4 pairs."""
-    root = tmp_path_factory.mktemp("faults-checkpoint")
-    captions = generate(root / "syn", 16, seed=5)
-    assert shard.main(["--source", f"coco:captions={captions},images={root / 'syn' / 'images'}",
-                       "--out", str(root / "shards"), "--shard-size", "8", "--no-progress"]) == 0
-    vocab = train_wordpiece([a["caption"] for a in json.loads(captions.read_text())["annotations"]], 150,
-                            root / "vocab")
-    return str(root / "shards"), vocab
+    shards, vocab = synthetic_shards(tmp_path_factory.mktemp("faults-checkpoint"), 16, seed=5, shard_size=8)
+    return str(shards), vocab
 
 
 def _argv(data, workdir: Path) -> list[str]:

@@ -17,15 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import shard
 from data_pipeline.shard_format import MANIFEST, ShardFormatError, read_samples
 from data_pipeline.storage import StorageError
-from data_pipeline.synthetic import generate
 from pixelbert_dist.config import load_config
 from pixelbert_dist.data.loader import StreamingLoader
 from pixelbert_dist.data.plan import Manifest, ManifestError, Segment
 from pixelbert_dist.data.stream import read_segment
-from pixelbert_dist.tokenizer import train_wordpiece
+from tests.datasets import synthetic_shards
 from tests.conftest import TINY
 from tests.faults import record_fault
 
@@ -35,13 +33,7 @@ SURFACES_WITHIN_S = 10  # a worker's failure reaches the training loop within th
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, ray_local):
     """3 local shards of 4 images (5 captions each) and a loader config for them."""
-    root = tmp_path_factory.mktemp("faults-data")
-    captions = generate(root / "syn", 12, seed=3)
-    out = root / "shards"
-    assert shard.main(["--source", f"coco:captions={captions},images={root / 'syn' / 'images'}", "--out", str(out),
-                       "--shard-size", "4", "--no-progress"]) == 0
-    vocab = train_wordpiece([a["caption"] for a in json.loads(captions.read_text())["annotations"]], 150,
-                            root / "vocab")
+    out, vocab = synthetic_shards(tmp_path_factory.mktemp("faults-data"), 12, seed=3, shard_size=4)
     cfg = load_config(TINY, [f"--data.tokenizer={vocab}", "--data.image_short_side=128",
                              "--data.image_long_side=192"])
     return out, cfg

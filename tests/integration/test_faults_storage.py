@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import pytest
 from data_pipeline.storage import S3Settings, StorageError, StorageUnavailable, open_storage, s3_client
 from data_pipeline.synthetic import generate
 from tests.faults import record_fault
-from tests.launch import free_port, job_env
+from tests.launch import free_port, job_env, start_moto
 
 SHORT_BOUNDS = {"PIXELBERT_S3_ATTEMPTS": "3", "PIXELBERT_S3_BACKOFF": "0.25",
                 "PIXELBERT_S3_CONNECT_TIMEOUT": "1", "PIXELBERT_S3_READ_TIMEOUT": "1"}
@@ -83,22 +82,8 @@ class FreezableS3:
 @pytest.fixture(scope="module")
 def own_s3():
     """moto's server as a process of this module's own (the session's is shared): short S3 bounds."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", **SHORT_BOUNDS}
+    proc, endpoint, env = start_moto()
+    env.update(SHORT_BOUNDS)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     s3_client.cache_clear()  # clients made for the session's server keep its endpoint

@@ -10,27 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline import shard
 from data_pipeline.shard_format import MANIFEST, ShardWriter
 from data_pipeline.storage import StorageError, s3_client
-from data_pipeline.synthetic import generate
 from pixelbert_dist.config import load_config
 from pixelbert_dist.data.batch import resized_size
 from pixelbert_dist.data.loader import StreamingLoader, merge_states
 from pixelbert_dist.data.plan import Manifest
-from pixelbert_dist.tokenizer import train_wordpiece
+from tests.datasets import synthetic_shards
 from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("loader")
-    captions = generate(root / "syn", 36, seed=7)
-    out = root / "shards"
-    assert shard.main(["--source", f"coco:captions={captions},images={root / 'syn' / 'images'}", "--out", str(out),
-                       "--shard-size", "7", "--no-progress"]) == 0
-    texts = [a["caption"] for a in json.loads(captions.read_text())["annotations"]]
-    vocab = train_wordpiece(texts, 150, root / "vocab")
+    out, vocab = synthetic_shards(tmp_path_factory.mktemp("loader"), 36, seed=7, shard_size=7)
     cfg = load_config(TINY, [f"--data.tokenizer={vocab}", "--data.image_short_side=128",
                              "--data.image_long_side=192"])
     return out, cfg

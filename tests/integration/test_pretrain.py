@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline import shard
-from data_pipeline.synthetic import generate
 from pixelbert_dist.config import ConfigError, load_config
 from pixelbert_dist.engine import deepspeed_config
-from pixelbert_dist.tokenizer import train_wordpiece
+from tests.datasets import synthetic_shards
 from tests.conftest import TINY, mlflow_metrics as _metrics
 from tests.launch import BIN, REPO, free_port, job_env, run_job, start_job
 
@@ -26,14 +24,9 @@ from tests.launch import BIN, REPO, free_port, job_env, run_job, start_job
 def data(tmp_path_factory, ray_local):
     """Synthetic shards in a bucket of moto's S3 server: training reads them over HTTP."""
     from data_pipeline.storage import s3_client
-    root = tmp_path_factory.mktemp("pretrain-data")
-    captions = generate(root / "syn", 48, seed=11)
     s3_client().create_bucket(Bucket="pretrain-data")
-    assert shard.main(["--source", f"coco:captions={captions},images={root / 'syn' / 'images'}",
-                       "--out", "s3://pretrain-data/shards", "--shard-size", "8", "--no-progress"]) == 0
-    vocab = train_wordpiece([a["caption"] for a in json.loads(captions.read_text())["annotations"]], 150,
-                            root / "vocab")
-    return "s3://pretrain-data/shards", vocab
+    return synthetic_shards(tmp_path_factory.mktemp("pretrain-data"), 48, seed=11, shard_size=8,
+                            out="s3://pretrain-data/shards")
 
 
 def _argv(data, workdir: Path, **overrides) -> list[str]:

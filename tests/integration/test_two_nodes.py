@@ -23,9 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import shard
-from data_pipeline.synthetic import generate
-from pixelbert_dist.tokenizer import train_wordpiece
+from tests.datasets import synthetic_shards
 from tests.conftest import TINY
 from tests.launch import BIN, REPO, job_env
 
@@ -182,11 +180,7 @@ def _pairs(folder: Path) -> list[dict]:
 def test_two_nodes_kill_minus_9_of_one_node_and_resume_from_the_mirror_on_fresh_nodes(two_nodes, tmp_path,
                                                                                         ray_local):
     nodes = two_nodes
-    captions = generate(tmp_path / "syn", IMAGES, seed=12)
-    assert shard.main(["--source", f"coco:captions={captions},images={tmp_path / 'syn' / 'images'}",
-                       "--out", str(tmp_path / "shards"), "--shard-size", "8", "--no-progress"]) == 0
-    vocab = train_wordpiece([a["caption"] for a in json.loads(captions.read_text())["annotations"]], 150,
-                            tmp_path / "vocab")
+    _, vocab = synthetic_shards(tmp_path, IMAGES, seed=12, shard_size=8)
     from pixelbert_dist.data.plan import Manifest
     total_pairs = Manifest(str(tmp_path / "shards")).total_pairs
     assert total_pairs == IMAGES * CAPTIONS

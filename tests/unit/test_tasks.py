@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
@@ -18,7 +17,7 @@ from pixelbert_dist.data.stream import Pair
 from pixelbert_dist.evaluate import recall_at_k, recall_over_folds, retrieval, vqa_accuracy
 from pixelbert_dist.data.types import TaskBatch
 from pixelbert_dist.tasks import PixelBertForTask, task_model
-from tests.launch import free_port
+from tests.launch import spawn_ranks
 
 TINY = ModelConfig(backbone="custom", backbone_widths=[8, 8, 16, 16], train_backbone_norm=True, hidden_size=32,
                    num_layers=1, num_heads=2, intermediate_size=64, vocab_size=40, dropout=0.0,
@@ -186,16 +185,7 @@ def test_retrieval_ranking_split_over_two_ranks_equals_one_rank(tmp_path, monkey
     monkeypatch.setenv("PIXELBERT_TEST_VOCAB", str(vocab))
     single: dict = {}
     _scores_on(0, 1, 0, single)
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_ranks(_worker, 2)
     recalls = {k: v for k, v in single[0].items() if k != "seconds"}
     assert recalls["images"] == 5 and recalls["captions"] == 10
     for rank in (0, 1):

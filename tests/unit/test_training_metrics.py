@@ -9,19 +9,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pixelbert_dist.distributed import DistInfo
 from pixelbert_dist.metrics import StepTimer
 from pixelbert_dist.tracking import Tracker
 from pixelbert_dist.config import TrackingConfig
 from pixelbert_dist.training_metrics import TrainingMetrics, reduce_by_name
-from tests.launch import free_port
+from tests.launch import spawn_ranks
 
 
-def _reduce_worker(rank: int, port: int, queue) -> None:
+def _reduce_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     # the two ranks build their dicts in different orders: a positional reduction would mix them up
     values = {"loss": 1.0 + rank, "skipped": 10.0 * (rank + 1), "accuracy": torch.tensor(0.25 * (rank + 1))}
     if rank == 1:
@@ -32,16 +31,7 @@ def _reduce_worker(rank: int, port: int, queue) -> None:
 
 
 def test_reduce_by_name_sums_each_value_with_its_namesake_on_every_rank():
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_reduce_worker, args=(rank, port, queue)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    results = spawn_ranks(_reduce_worker, 2)
     expected = {"loss": 3.0, "skipped": 30.0, "accuracy": 0.75}
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
 
