@@ -127,6 +127,30 @@ def find_tokenizer(path: Path, run_config: dict, is_checkpoint: bool) -> PreTrai
         return None
 
 
+def read_run_config(path: Path) -> tuple[dict, bool]:
+    """(the run config, is it a checkpoint) of a model folder or a complete DeepSpeed checkpoint."""
+    from pixelbert_dist import checkpoint
+
+    if not (path / WEIGHTS).is_file() and (path / checkpoint.COMPLETE).is_file():
+        return checkpoint.read_client_state(path.parent, path.name)["config"], True
+    if (path / WEIGHTS).is_file() and (path / CONFIG).is_file():
+        return json.loads((path / CONFIG).read_text()), False
+    raise FileNotFoundError(f"{path}: neither a model folder ({WEIGHTS} + {CONFIG}) nor a complete "
+                            f"checkpoint ({checkpoint.COMPLETE})")
+
+
+def load_weights(model: torch.nn.Module, path: Path, is_checkpoint: bool) -> None:
+    """The folder's weights into `model`: a checkpoint's consolidated fp32, or model.safetensors."""
+    from safetensors.torch import load_model
+
+    from pixelbert_dist import checkpoint
+
+    if is_checkpoint:
+        checkpoint.load_weights_only(model, path.parent, path.name)
+    else:
+        load_model(model, str(path / WEIGHTS))  # the tied MLM decoder / word embeddings stay tied
+
+
 class PretrainedMixin:
     """`from_pretrained`, `save_pretrained`, `score` and `encode` for PixelBert.
 
@@ -147,25 +171,11 @@ class PretrainedMixin:
 
         `tokenizer` overrides the one found with the model (a tokenizer, or what load_tokenizer takes).
         """
-        from safetensors.torch import load_model
-
-        from pixelbert_dist import checkpoint
-
         path = Path(path)
-        is_checkpoint = not (path / WEIGHTS).is_file() and (path / checkpoint.COMPLETE).is_file()
-        if is_checkpoint:
-            run_config = checkpoint.read_client_state(path.parent, path.name)["config"]
-        elif (path / WEIGHTS).is_file() and (path / CONFIG).is_file():
-            run_config = json.loads((path / CONFIG).read_text())
-        else:
-            raise FileNotFoundError(f"{path}: neither a model folder ({WEIGHTS} + {CONFIG}) nor a complete "
-                                    f"checkpoint ({checkpoint.COMPLETE})")
+        run_config, is_checkpoint = read_run_config(path)
         # the weights come from the folder: never fetch BERT's or ImageNet's
         model = cls(ModelConfig(**{**run_config["model"], "text_weights": "none", "backbone_weights": "none"}))
-        if is_checkpoint:
-            checkpoint.load_weights_only(model, path.parent, path.name)
-        else:
-            load_model(model, str(path / WEIGHTS))  # the tied MLM decoder / word embeddings stay tied
+        load_weights(model, path, is_checkpoint)
 
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(str(tokenizer))

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import functools
 import io
-import json
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from pixelbert_dist.data.task_batch import TaskBatchBuilder
 from pixelbert_dist.data.types import TaskBatch
 from pixelbert_dist.flops import measure_flops
 from pixelbert_dist.model import PixelBert
-from pixelbert_dist.pretrained import CONFIG, WEIGHTS
+from pixelbert_dist.pretrained import CONFIG, WEIGHTS, load_weights, read_run_config
 from pixelbert_dist.spec import ResolvedRun
 
 OUTPUT_KEYS = ("loss", "accuracy")  # TaskOutput's fields logged in training
@@ -84,24 +83,17 @@ class PixelBertForTask(nn.Module):
 
 def pretrained_model_config(init: str) -> dict:
     """The model section a pre-trained checkpoint or export was trained with."""
-    path = Path(init)
-    if (path / CONFIG).is_file():
-        return json.loads((path / CONFIG).read_text())["model"]
-    if (path / checkpoint.COMPLETE).is_file():
-        return checkpoint.read_client_state(path.parent, path.name)["config"]["model"]
-    raise ConfigError(f"task.init={init}: neither an exported model ({CONFIG}) nor a complete checkpoint "
-                      f"({checkpoint.COMPLETE})")
+    try:
+        return read_run_config(Path(init))[0]["model"]
+    except FileNotFoundError:
+        raise ConfigError(f"task.init={init}: neither an exported model ({WEIGHTS} + {CONFIG}) nor a complete "
+                          f"checkpoint ({checkpoint.COMPLETE})") from None
 
 
 def load_pretrained(model: PixelBertForTask, init: str) -> None:
     """Pre-trained Pixel-BERT weights (all of them, heads included) into the task model's body."""
-    from safetensors.torch import load_model
-
     path = Path(init)
-    if (path / WEIGHTS).is_file():
-        load_model(model.body, str(path / WEIGHTS))
-    else:
-        checkpoint.load_weights_only(model.body, path.parent, path.name)
+    load_weights(model.body, path, read_run_config(path)[1])
 
 
 def resolve(cfg: PretrainConfig, tokenizer, answers: tuple[str, ...] = ()) -> ResolvedRun:
