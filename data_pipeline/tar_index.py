@@ -19,7 +19,6 @@ otherwise named with a reason:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 import warnings
@@ -29,28 +28,9 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from data_pipeline.storage import HashingStream
 from data_pipeline.shard_format import (TAR_BLOCK, Member, SampleEntry, caption_of, image_member, split_member,
                                         unsafe_member)
-
-
-class _Hashing:
-    """A read-only stream that hashes what passes and remembers where the last non-zero byte was."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw, self.digest, self.total, self.data_end = raw, hashlib.sha256(), 0, 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read() if size is None or size < 0 else self.raw.read(size)
-        self.digest.update(data)
-        stripped = len(data.rstrip(b"\0"))
-        if stripped:
-            self.data_end = self.total + stripped
-        self.total += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
 
 
 @dataclass
@@ -76,7 +56,7 @@ class TarIndex:
 
 def index_stream(raw: BinaryIO, max_pixels: int) -> TarIndex:
     """Walk a tar sequentially (a streaming S3 body works) and sort its samples into good and skipped."""
-    stream = _Hashing(raw)
+    stream = HashingStream(raw)
     samples, entries, skipped = [], [], []
     group: _Group | None = None
     truncated = False

@@ -10,7 +10,6 @@ that every image (a pair's right one too) decodes. Shards are read as streams, s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -20,24 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 from data_pipeline.shard_format import MANIFEST, dali_index, read_samples
-from data_pipeline.storage import Storage, StorageError, open_storage
-
-
-class _HashingReader(io.RawIOBase):
-    """Hash and count the bytes of a stream while tarfile reads it."""
-
-    def __init__(self, stream) -> None:
-        self._stream, self.digest, self.size = stream, hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self._stream.read(len(buffer))
-        buffer[: len(data)] = data
-        self.digest.update(data)
-        self.size += len(data)
-        return len(data)
+from data_pipeline.storage import HashingStream, Storage, StorageError, open_storage
 
 
 def check_shard(storage: Storage, shard: dict) -> list[str]:
@@ -52,7 +34,7 @@ def check_shard(storage: Storage, shard: dict) -> list[str]:
     entries = []
     try:
         with storage.open_read(name) as raw:
-            reader = _HashingReader(raw)
+            reader = HashingStream(raw)
             for entry, members in read_samples(io.BufferedReader(reader, 1 << 20)):
                 entries.append(entry)
                 for ext in ("jpg", "right.jpg") if "right.jpg" in members else ("jpg",):
@@ -61,8 +43,7 @@ def check_shard(storage: Storage, shard: dict) -> list[str]:
                             image.load()
                     except Exception as err:  # any decoder failure is a finding, not a crash
                         problems.append(f"{name}: image {entry.key}.{ext} does not decode: {err}")
-            while reader.read(1 << 20):  # the tar's end padding counts in its hash
-                pass
+            reader.drain()  # the tar's end padding counts in its hash
     except Exception as err:
         return problems + [f"{name}: unreadable tar: {err}"]
     if reader.digest.hexdigest() != shard["sha256"]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from data_pipeline.storage.base import (HASH_CHUNK, Storage, StorageError, StorageUnavailable, sha256_of,  # noqa: F401
+from data_pipeline.storage.base import (HASH_CHUNK, HashingStream, Storage, StorageError, StorageUnavailable, sha256_of,  # noqa: F401
                                         spool_dir)
 from data_pipeline.storage.local import LocalStorage, _read_file
 from data_pipeline.storage.s3 import S3Settings, S3Storage, s3_client  # noqa: F401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from typing import BinaryIO, Protocol
@@ -53,3 +54,28 @@ def spool_dir() -> str:
     """Local scratch for shards before upload."""
     return os.environ.get("PIXELBERT_SPOOL_DIR", tempfile.gettempdir())
 
+
+class HashingStream(io.RawIOBase):
+    """A read-only stream that hashes and counts what passes, and remembers where its last
+    non-zero byte was (a tar's data ends there; zeros after it are its end padding)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.digest, self.total, self.data_end = raw, hashlib.sha256(), 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[: len(data)] = data
+        self.digest.update(data)
+        stripped = len(data.rstrip(b"\0"))
+        if stripped:
+            self.data_end = self.total + stripped
+        self.total += len(data)
+        return len(data)
+
+    def drain(self) -> None:
+        """Read to the end, so the hash and the count cover the whole stream."""
+        while self.read(1 << 20):
+            pass
