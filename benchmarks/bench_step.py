@@ -204,11 +204,11 @@ def worker(spec_path: Path) -> None:
 
 
 def launch(settings: Settings, row: Row, work: Path, timeout_s: float) -> dict:
-    from benchmarks.bench_train import _free_port
+    from pixelbert_dist.distributed import free_port
     spec, result = work / f"{row.name}-{time.monotonic_ns()}.json", work / f"{row.name}-{time.monotonic_ns()}.out.json"
     spec.write_text(json.dumps({"settings": dataclasses.asdict(settings), "row": dataclasses.asdict(row),
                                 "result": str(result)}))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
            "LOCAL_RANK": "0", "WORLD_SIZE": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(os.cpu_count() if settings.device == "cpu" else 4),
            "DS_ACCELERATOR": "cuda" if settings.device == "cuda" else "cpu", "TOKENIZERS_PARALLELISM": "false"}

@@ -34,7 +34,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -275,20 +274,16 @@ def worker(spec_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- launching
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(settings: Settings, cases: list[Case], world_size: int, work: Path, timeout_s: float) -> list[dict]:
     """Run `cases` one after another in `world_size` fresh processes; rank 0's results."""
     name = f"{cases[0].label}-{time.monotonic_ns()}"
     spec, result = work / f"{name}.json", work / f"{name}.result.json"
     spec.write_text(json.dumps({"settings": dataclasses.asdict(settings), "result": str(result),
                                 "cases": [dataclasses.asdict(c) for c in cases]}))
+    from pixelbert_dist.distributed import free_port
+
     threads = max(1, (os.cpu_count() or 1) // world_size) if settings.device == "cpu" else 4
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
            "DS_ACCELERATOR": "cuda" if settings.device == "cuda" else "cpu", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

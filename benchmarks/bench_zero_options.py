@@ -45,7 +45,6 @@ import json
 import multiprocessing
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -348,17 +347,13 @@ def worker(settings: dict, variant: dict, rank: int, port: int, result: str, log
 
 # ---------------------------------------------------------------------------- launching
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(ctx, settings: Settings, variant: Variant, work: Path, together: list[Variant] | None = None) -> dict:
     """Run `variant` once in fresh processes (one per rank); rank 0's result. `together`: side by side instead."""
     stem = work / f"{variant.group}-{''.join(c if c.isalnum() else '_' for c in variant.name)}-{time.monotonic_ns()}"
+    from pixelbert_dist.distributed import free_port
+
     result = stem.with_suffix(".result.json")
-    port = _free_port()
+    port = free_port()
     side = [dataclasses.asdict(v) for v in together] if together else None
     procs = [ctx.Process(target=worker, args=(dataclasses.asdict(settings), dataclasses.asdict(variant), rank, port,
                                                str(result), f"{stem}.rank{rank}.log", side))

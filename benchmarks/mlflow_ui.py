@@ -23,17 +23,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pixelbert_dist.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS = REPO / "benchmarks" / "results"
 METRICS = ("loss", "mlm_loss", "itm_loss", "samples_per_s")  # what the run page must show
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rest(url: str, body: dict | None = None) -> dict:
