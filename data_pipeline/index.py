@@ -45,7 +45,7 @@ def _absolute(url: str) -> str:
 
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Every tar URL the inputs name, in order, each once."""
-    from braceexpand import braceexpand  # installed with webdataset
+    from braceexpand import braceexpand
 
     tars: list[str] = []
     for pattern in inputs:
