@@ -59,6 +59,21 @@ def fault_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SECTION_TITLES = {"security": "Security: hostile input is refused, and nothing runs, is read or is written "
+                               "outside its place"}
+
+
+def sectioned_tables(rows: list[dict]) -> str:
+    """The rows without a `section` as one table, then one titled table per section, in order of first use."""
+    sections = list(dict.fromkeys(row.get("section") for row in rows))
+    parts = []
+    for section in sorted(sections, key=lambda name: name is not None):
+        chosen = [row for row in rows if row.get("section") == section]
+        title = SECTION_TITLES.get(section, section) if section else None
+        parts.append((f"### {title}\n\n" if title else "") + fault_table(chosen))
+    return "\n\n".join(parts)
+
+
 def summary_line(output: str) -> str:
     """pytest's last `==== 5 passed, 1 failed in 80.12s ====` line, without the bars."""
     found = re.findall(r"^=+ (.*\bin [\d.]+s.*?) =+$", output, re.MULTILINE)
@@ -162,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = [r for r in run["rows"] if r.get("passed") is not True]
     body = (f"`{run['command']}` on {host['cores']} cores ({host['cpu']}, {host['memory_gb']} GB, "
             f"{host['os']}, Python {host['python']}).\n\n"
-            + fault_table(run["rows"])
+            + sectioned_tables(run["rows"])
             + f"\n\n**pytest:** `{run['summary']}`; total {run['seconds']:.1f} s (pytest's process, from start "
             f"to exit). {len(run['rows'])} rows, {len(failures)} not passed.\n")
     if run["failed_tests"]:

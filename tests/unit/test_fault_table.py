@@ -1,6 +1,7 @@
 """benchmarks/faults.py's pure parts: rows in -> markdown out, pytest's summary, JUnit failures."""
 
-from benchmarks.faults import COLUMNS, attribute, failed_tests, fault_table, summary_line, with_failed_tests
+from benchmarks.faults import (COLUMNS, attribute, failed_tests, fault_table, sectioned_tables, summary_line,
+                               with_failed_tests)
 
 FULL = dict(fault="worker killed", what_was_done="SIGKILL x2", expected="every pair once", pairs_lost=0,
             pairs_repeated=0, recovery_s=3.25, passed=True)
@@ -63,3 +64,11 @@ def test_rows_are_attributed_to_the_test_that_recorded_them():
     marks = [{"test": "f.py::t1", "rows": 1}, {"test": "f.py::t2", "rows": 1}, {"test": "f.py::t3", "rows": 3}]
     assert [r.get("test") for r in attribute(rows, marks)] == ["f.py::t1", "f.py::t3", "f.py::t3"]
     assert attribute(rows, [])[2] == {"fault": "c"}  # no marks (the run was killed): rows kept as they are
+
+
+def test_rows_of_a_section_get_their_own_titled_table_after_the_others():
+    rows = [{**FULL, "fault": "pickle in checkpoint", "section": "security"}, FULL]
+    text = sectioned_tables(rows)
+    untitled, titled = text.split("### ")
+    assert "worker killed" in untitled and "pickle" not in untitled
+    assert titled.startswith("Security") and "pickle in checkpoint" in titled and "worker killed" not in titled
