@@ -4,8 +4,10 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [WHEEL_DIR]        # WHEEL_DIR defaults to .whl
 #
-#   1. installs the wheels in WHEEL_DIR into /tmp/site (--no-index --no-deps), skipping any
-#      project the machine already has (a second numpy or pillow would shadow torch's own)
+#   1. installs the wheels in WHEEL_DIR into a private temporary folder (mktemp -d, mode 0700,
+#      removed on exit; a fixed /tmp path would let another user of the host plant imports there)
+#      with --no-index --no-deps, skipping any project the machine already has (a second numpy
+#      or pillow would shadow torch's own)
 #   2. benchmarks/bench_loader.py --num-images 128 --out OUT_DIR: the GPU rows (DALI mixed, nvJPEG) beside the CPU
 #      rows; without an importable nvidia.dali the DALI rows read "not measured" and nvJPEG still runs
 #   3. benchmarks/bench_train.py --gpu-check --out OUT_DIR, when that file exists
@@ -44,7 +46,8 @@ OUT=$(mkdir -p "$1" && cd "$1" && pwd)              # both resolved from the cal
 WHEELS=$(cd "${2:-.whl}" 2>/dev/null && pwd || echo "${2:-.whl}")
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-SITE=/tmp/site
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX") || { echo "mktemp -d failed" >&2; exit 1; }
+trap 'rm -rf "$SITE"' EXIT
 PY=${PYTHON:-python}
 LOG="$OUT/gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
@@ -58,7 +61,6 @@ $PY -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 
 '| torchvision', torchvision.__version__, '| cuda', torch.cuda.is_available())"
 
 step "install wheels from $WHEELS into $SITE"
-mkdir -p "$SITE"
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
     # the wheels whose project is not installed yet (wheel names use '_' where projects use '-')
     mapfile -t missing < <($PY - "$WHEELS" <<'EOF'

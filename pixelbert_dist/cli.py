@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from data_pipeline.storage import StorageError
 from pixelbert_dist import distributed
-from pixelbert_dist.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
+from pixelbert_dist.config import ConfigError, FinetuneConfig, PretrainConfig, load_config, redact
 
 SCHEMAS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}  # job name -> its config schema
 
@@ -83,7 +83,7 @@ def run_job(job: str, config: str, overrides: tuple[str, ...], resume: str | Non
     try:
         trainer = Trainer(job_spec(cfg), cfg, info, resume)
     except (ConfigError, StorageError, FileNotFoundError, ValueError) as err:
-        logging.getLogger(f"pixelbert_dist.{job}").error("%s", err)
+        logging.getLogger(f"pixelbert_dist.{job}").error("%s", redact(str(err)))  # may quote a URL
         return 2
     metrics = trainer.train()
     if info.is_main:

@@ -4,23 +4,67 @@ URI: tracking.uri, else MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the wor
 A resumed job passes the run id it saved in its checkpoint and continues the same run.
 The run is the home of what it made: params and metrics, the resolved config and the
 DeepSpeed JSON under `config/`, the trained model under `model/` (optionally registered).
+
+Credentials: an http(s) URI's user info (`https://user:pw@host`, or `https://TOKEN@host`) is
+moved into MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD (or MLFLOW_TRACKING_TOKEN) before
+MLflow sees the URI, so no URL MLflow prints or raises holds them; the health check sends
+them as MLflow will, in an Authorization header. Everything logged here is redacted.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import socket
 import urllib.request
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from data_pipeline.version import code_version
-from pixelbert_dist.config import TrackingConfig
+from pixelbert_dist.config import TrackingConfig, redact
 
 log = logging.getLogger("pixelbert_dist.tracking")
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+
+
+def move_credentials(uri: str) -> str:
+    """An http(s) URI without its user info, which goes to MLflow's variables: `user:password`
+    to MLFLOW_TRACKING_USERNAME/PASSWORD (basic auth), a lone `TOKEN` to MLFLOW_TRACKING_TOKEN
+    (bearer). Other URIs (sqlite, postgresql, ...) go to their driver unchanged."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, colon, password = (unquote(p) for p in userinfo.partition(":"))
+    if colon:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
+    else:  # MLflow prefers username + password to a token: the URI's token must win
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+        os.environ["MLFLOW_TRACKING_TOKEN"] = user
+    return urlunsplit(parts._replace(netloc=hostport))
+
+
+def check_health(uri: str) -> None:
+    """GET the server's /health: the URL from scheme, host, port and path only; credentials, as
+    MLflow sends them (username + password, else token), in the Authorization header."""
+    parts = urlsplit(uri)
+    if not parts.hostname:
+        raise ValueError(f"tracking URI {redact(uri)!r} names no host")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    url = urlunsplit((parts.scheme, netloc, f"{parts.path.rstrip('/')}/health", "", ""))
+    headers = {}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if user and password:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    elif token:
+        headers["Authorization"] = f"Bearer {token}"
+    urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5).close()
 
 
 class Tracker:
@@ -35,7 +79,7 @@ class Tracker:
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # tracking must never stop training
-            log.warning("MLflow %s failed (%s); training continues without tracking", what, err)
+            log.warning("MLflow %s failed (%s); training continues without tracking", what, redact(str(err)))
             self.enabled = False
             return None
 
@@ -50,17 +94,17 @@ class Tracker:
         import mlflow
 
         def begin():
-            uri = tracking_uri(self.cfg)
+            uri = move_credentials(tracking_uri(self.cfg))
             if uri.startswith(("http://", "https://")):
-                urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
+                check_health(uri)
             mlflow.set_tracking_uri(uri)
             if run_id:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
             else:
                 mlflow.set_experiment(self.cfg.experiment)
                 run = mlflow.start_run(run_name=self.cfg.run_name or None, log_system_metrics=True)
-                mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-            mlflow.set_tags(tags)
+                mlflow.log_params({k: str(v)[:500] for k, v in redact(params).items()})
+            mlflow.set_tags(redact(tags))
             return run.info.run_id
 
         self.run_id = self._call("start", begin)
@@ -72,12 +116,12 @@ class Tracker:
 
     def tag(self, key: str, value: str) -> None:
         import mlflow
-        self._call("set_tag", mlflow.set_tag, key, value)
+        self._call("set_tag", mlflow.set_tag, key, redact(value))
 
     def log_dict(self, value: dict, artifact_file: str) -> None:
-        """`value` as a JSON or YAML artifact (by the file's extension)."""
+        """`value` as a JSON or YAML artifact (by the file's extension), redacted."""
         import mlflow
-        self._call("log_dict", mlflow.log_dict, value, artifact_file)
+        self._call("log_dict", mlflow.log_dict, redact(value), artifact_file)
 
     def log_folder(self, local_dir: str, artifact_path: str) -> None:
         import mlflow

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pixelbert_dist.config.redact import redact
+
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+    """A config file or override that does not fit the schema; the message quotes values, so
+    credentials in a quoted URL are redacted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 def _require(ok: bool, message: str) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pixelbert_dist.config.errors import _require
+from pixelbert_dist.config.redact import redact
 
 
 @dataclass
@@ -91,6 +92,8 @@ class DataConfig:
     """Image decode and resize: PIL in the loader workers, NVIDIA DALI (GPU), or DALI when a GPU is there."""
     pad_multiple: int = 64
     """Pad a batch's height and width up to a multiple of this (of 64); 128: fewer shapes, more padding."""
+    shard_roots: list[str] = field(default_factory=list)
+    """Folders or s3:// prefixes an index manifest's tar urls may also lie in (another bucket, say)."""
 
     def __post_init__(self) -> None:
         _require(self.max_text_len >= 3, f"data.max_text_len must be >= 3, got {self.max_text_len}")
@@ -247,7 +250,9 @@ class PretrainConfig:
     """DeepSpeed engine settings."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The nested plain dict every recorded copy of the config is made from (MLflow, checkpoints,
+        config.json, the CLI): URLs' credentials are redacted; the dataclass keeps the real values."""
+        return redact(dataclasses.asdict(self))
 
     def flat_dict(self) -> dict[str, Any]:
         """`{"model.hidden_size": 768, ...}`: one entry per leaf, for MLflow params."""

@@ -15,6 +15,7 @@ import torch
 from pixelbert_dist.config import ConfigError, load_config
 from pixelbert_dist.engine import deepspeed_config
 from tests.datasets import synthetic_shards
+from tests.faults import record_fault
 from tests.conftest import TINY, mlflow_metrics as _metrics
 from tests.launch import BIN, REPO, free_port, job_env, run_job, start_job
 
@@ -45,6 +46,31 @@ def _argv(data, workdir: Path, **overrides) -> list[str]:
 
 def _torchrun(nproc: int, argv: list[str], workdir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
     return run_job("pretrain", [*argv, *extra], workdir, nproc)
+
+
+SECRET = "S3cr3t-d0-not-record"  # one distinctive string: any file or line holding it leaks
+
+
+def _check_password_recorded_nowhere(done, run: Path, stores: list[Path], host: str) -> None:
+    """Every file the run wrote, the MLflow server's store and artifacts, and the run's output are
+    searched for the password; the recorded config still names the server."""
+    leaked = [str(f) for root in [run, *stores] for f in root.rglob("*")
+              if f.is_file() and not f.is_symlink() and SECRET.encode() in f.read_bytes()]
+    leaked += [stream for stream in ("stdout", "stderr") if SECRET in getattr(done, stream)]
+    [state] = run.glob("ckpt/step*/client_state.json")
+    resolved = [p for root in stores for p in root.rglob("resolved.yaml")]
+    names_host = (json.loads(state.read_text())["config"]["tracking"]["uri"] == f"http://***@{host}"
+                  and bool(resolved) and all(f"http://***@{host}" in p.read_text() for p in resolved))
+    record_fault({"section": "security", "fault": "credentials in tracking.uri recorded by a run",
+                  "what_was_done": "a 2-step pre-training run with tracking.uri http://alice:PASSWORD@<mlflow "
+                                   "server>, a checkpoint and the model logged and registered; every file written, "
+                                   "the server's store and artifacts, stdout and stderr searched for the password",
+                  "expected": "the password in none of them; client_state.json and resolved.yaml show "
+                              "http://***@host:port",
+                  "pairs_lost": None, "pairs_repeated": None, "recovery_s": None,
+                  "passed": not leaked and names_host})
+    assert not leaked, leaked
+    assert names_host, (state.read_text()[:2000], resolved)
 
 
 def _pairs_log(workdir: Path) -> list[dict]:
@@ -298,17 +324,22 @@ def _rest(url: str, body: dict | None = None) -> dict:
 
 
 @pytest.mark.slow
-def test_the_mlflow_server_holds_the_runs_metrics_config_model_and_registry_entry(data, tmp_path, mlflow_server):
+def test_the_mlflow_server_holds_the_runs_metrics_config_model_and_registry_entry(data, tmp_path, mlflow_server,
+                                                                                  tmp_path_factory):
+    mlflow_server_root = sorted(tmp_path_factory.getbasetemp().glob("mlflow-server*"))
     import urllib.request
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load as load_safetensors
 
-    # bf16 under ZeRO-2: the logged model must be the optimizer's fp32 masters, not the bf16 copies
+    # bf16 under ZeRO-2: the logged model must be the optimizer's fp32 masters, not the bf16 copies.
+    # The URI carries a password (the server ignores it): no file, log line or artifact may hold it.
+    host = mlflow_server.removeprefix("http://")
     done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, train__precision="bf16", checkpoint__every_steps=2,
-                              tracking__uri=mlflow_server, tracking__experiment="home",
+                              tracking__uri=f"http://alice:{SECRET}@{host}", tracking__experiment="home",
                               tracking__register_model="pixelbert-tiny"), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    _check_password_recorded_nowhere(done, tmp_path, mlflow_server_root, host)
     api = f"{mlflow_server}/api/2.0/mlflow"
     experiment = _rest(f"{api}/experiments/get-by-name?experiment_name=home")["experiment"]["experiment_id"]
     [run] = _rest(f"{api}/runs/search", {"experiment_ids": [experiment]})["runs"]
