@@ -13,8 +13,12 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageOps
 
+from data_pipeline.shard_format import MAX_MEMBER_BYTES
+
 JPEG_QUALITY = 95
 DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k: beyond that a header is lying or the file is a bomb
+# a source file is read only up to a shard member's cap: ~10x a large camera JPEG
+DEFAULT_MAX_FILE_BYTES = MAX_MEMBER_BYTES
 
 
 class BadImage(ValueError):
@@ -30,6 +34,7 @@ class ImageSettings:
     max_short_side: int = 0   # 0: no downscale
     max_long_side: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger source files are skipped (too_large) unread
 
 
 @dataclass(frozen=True)

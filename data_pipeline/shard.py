@@ -27,12 +27,12 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from data_pipeline.images import DEFAULT_MAX_PIXELS, BadImage, ImageSettings, process_image
-from data_pipeline.shard_format import (FORMAT, JOB, MANIFEST, ShardResult, ShardWriter, dali_index,
-                                        index_name, is_job_file, shard_name, stats_name)
+from data_pipeline.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, BadImage, ImageSettings, process_image
+from data_pipeline.shard_format import (FORMAT, JOB, MANIFEST, MAX_MEMBER_BYTES, ShardResult, ShardWriter,
+                                        dali_index, index_name, is_job_file, shard_name, stats_name)
 from data_pipeline.sources import Record, SourceError, SourceSpec, read_records
-from data_pipeline.storage import (Storage, StorageError, StorageUnavailable, open_storage, read_uri, sha256_of,
-                                   spool_dir)
+from data_pipeline.storage import (SourceRefused, Storage, StorageError, StorageUnavailable, open_storage,
+                                   read_source, sha256_of, spool_dir)
 from data_pipeline.version import code_version
 
 log = logging.getLogger("data_pipeline.shard")
@@ -119,11 +119,11 @@ def build_shard(index: int, records: list[Record], settings: ImageSettings, stor
         for record in records:
             location = record.image
             try:
-                image = process_image(_read_image(record.image, record.byte_range), settings)
+                image = process_image(_read_image(record, record.image, record.byte_range, settings), settings)
                 image2 = None
                 if record.image2 is not None:  # a pair (NLVR2): either image bad skips the sample
                     location = record.image2
-                    image2 = process_image(_read_image(record.image2, None), settings)
+                    image2 = process_image(_read_image(record, record.image2, None, settings), settings)
             except BadImage as bad:
                 skipped.setdefault(record.source, Counter())[bad.reason] += 1
                 if len(examples) < MAX_EXAMPLES:
@@ -164,19 +164,20 @@ def build_shard(index: int, records: list[Record], settings: ImageSettings, stor
     return result
 
 
-def _read_image(location: str, byte_range: tuple[int, int] | None) -> bytes:
-    """The image's bytes; an absent or forbidden file is a skipped sample, not a failed task.
+def _read_image(record: Record, location: str, byte_range: tuple[int, int] | None, settings: ImageSettings) -> bytes:
+    """The image's bytes; an absent, forbidden or refused file (outside the record's image root,
+    not a regular file, over the size cap) is a skipped sample, not a failed task.
 
     Other errors (a network fault that outlived boto's retries) propagate: Ray retries the task.
     """
     from botocore.exceptions import ClientError
 
     try:
-        return read_uri(location, byte_range)
-    except (FileNotFoundError, StorageError):
+        return read_source(location, byte_range, record.root, settings.max_file_bytes)
+    except SourceRefused as refused:  # its message names the file as the annotation did, not where it led
+        raise BadImage(refused.reason, str(refused)) from None
+    except (FileNotFoundError, NotADirectoryError, StorageError):
         raise BadImage("missing_file", f"{location} does not exist") from None
-    except IsADirectoryError:
-        raise BadImage("missing_file", f"{location} is a folder") from None
     except PermissionError as err:
         raise BadImage("read_error", f"{location}: {err}") from None
     except ClientError as err:
@@ -293,13 +294,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-short-side", type=int, default=800, help="downscale so the short side is at most this (0: keep)")
     parser.add_argument("--max-long-side", type=int, default=1333, help="...and the long side at most this (0: keep)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are skipped")
-    parser.add_argument("--overwrite", action="store_true", help="replace an output made from other inputs")
+    parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+                        help=f"larger source files are skipped unread (at most {MAX_MEMBER_BYTES}: a member's cap)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output made from other inputs (only its top-level job files are deleted)")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.shard_size <= 0:
         parser.error("--shard-size must be positive")
+    if not 0 < args.max_file_bytes <= MAX_MEMBER_BYTES:
+        parser.error(f"--max-file-bytes must be between 1 and {MAX_MEMBER_BYTES}")
     return args
 
 
@@ -307,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     settings = JobSettings(args.shard_size, args.seed,
-                           ImageSettings(args.max_short_side, args.max_long_side, args.max_pixels))
+                           ImageSettings(args.max_short_side, args.max_long_side, args.max_pixels, args.max_file_bytes))
     started = time.time()
     try:
         specs = [SourceSpec.parse(s) for s in args.source]

@@ -52,10 +52,11 @@ def stats_name(index: int) -> str:
 
 
 def is_job_file(name: str) -> bool:
-    """Files this job owns in an output location (everything else is left alone)."""
-    stem = name.split("/")[-1]
-    return (stem in (MANIFEST, JOB) or
-            (stem[:6].isdigit() and stem[6:] in (".tar", ".idx", "_stats.json")))
+    """Files this job owns in an output location: at its top level only (a name relative to the
+    location, as `Storage.list` gives it). Everything else, a subfolder's dataset included, is
+    left alone."""
+    return "/" not in name and (name in (MANIFEST, JOB) or
+                                (name[:6].isdigit() and name[6:] in (".tar", ".idx", "_stats.json")))
 
 
 @dataclass

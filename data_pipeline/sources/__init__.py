@@ -4,7 +4,7 @@ A source is named on the command line as `KIND:option=value,option=value`:
 
     coco:captions=annotations/captions_train2017.json,images=train2017
     vg:regions=region_descriptions.json,meta=image_data.json,images=VG,exclude_coco_ids=test_ids.txt
-    manifest:path=pairs.parquet[,image_column=image][,caption_column=caption][,key_column=key]
+    manifest:path=pairs.parquet[,image_column=image][,caption_column=caption][,key_column=key][,images=ROOT]
     img2dataset:path=out_folder
 
 Downstream tasks, in each dataset's own file format (captions are the task's texts, and
@@ -18,6 +18,13 @@ Each kind's module (`READERS` below names them) says what layout it reads and ho
 are formed. Every kind also takes `name=` (the tag written into each sample; default the
 kind), `include=FILE` and `exclude=FILE` (image ids, one per line: the source's own ids,
 e.g. COCO image ids for the Karpathy train+restval split).
+
+Annotations are data, not instructions: every image a record names carries its `root` (the
+source's `images=`, img2dataset's folder, a manifest's `images=` or folder), and the shard
+job reads it only if it resolves, symlinks followed, inside that root, is a regular file and
+is at most `--max-file-bytes`; otherwise it is skipped unread and counted as `unsafe_path`,
+`not_a_file` or `too_large` (data_pipeline.storage.read_source). Only a manifest without
+`images=` may name absolute paths and URIs anywhere.
 """
 
 from __future__ import annotations

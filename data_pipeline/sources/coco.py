@@ -21,4 +21,4 @@ def read(spec: SourceSpec) -> Iterator[Record]:
         by_image.setdefault(ann["image_id"], []).append(ann.get("caption"))
     for image in data.get("images", []):
         yield Record(spec.name, str(image["id"]), str(Path(images) / image["file_name"]),
-                     _clean(by_image.get(image["id"], [])))
+                     _clean(by_image.get(image["id"], [])), root=images)

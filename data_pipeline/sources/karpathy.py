@@ -36,4 +36,4 @@ def read(spec: SourceSpec) -> Iterator[Record]:
             raise SourceError(f"Karpathy split {path}: image {number} lacks a valid cocoid/imgid, filename, "
                               f"split or sentences[].raw ({type(err).__name__}: {err})") from None
         if in_split:
-            yield Record(spec.name, str(image_id), str(location), captions)
+            yield Record(spec.name, str(image_id), str(location), captions, root=images)

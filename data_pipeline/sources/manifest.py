@@ -1,6 +1,12 @@
 """A JSONL, CSV/TSV or parquet manifest: one row per image, its location, caption(s), optional key.
 
-    manifest:path=pairs.parquet[,image_column=image][,caption_column=caption][,key_column=key]
+    manifest:path=pairs.parquet[,image_column=image][,caption_column=caption][,key_column=key][,images=ROOT]
+
+A location is a path (relative ones are relative to `images`, by default the manifest's own
+folder), a file:// or an s3:// URI. Every location must resolve (symlinks followed) inside
+`images` when it is given, else the shard job skips it as `unsafe_path`, unread; without it,
+relative paths must stay inside the manifest's folder, and absolute paths and URIs are read
+as named: give `images=` (a folder or s3://bucket/prefix) for a manifest you do not trust.
 """
 
 from __future__ import annotations
@@ -22,17 +28,19 @@ def read(spec: SourceSpec) -> Iterator[Record]:
     image_col = spec.options.get("image_column", "image")
     caption_col = spec.options.get("caption_column", "")
     key_col = spec.options.get("key_column", "key")
-    base = Path(path).parent
+    root = spec.options.get("images")
+    base = root if root is not None else str(Path(path).parent)
     for index, row in enumerate(_manifest_rows(spec, path)):
         if image_col not in row:
             raise SourceError(f"manifest {path}: row {index} has no column {image_col!r} "
                               f"(columns: {', '.join(map(str, row))}); set image_column=")
         captions = _row_captions(row, caption_col)
         location = str(row[image_col])
-        if "://" not in location and not Path(location).is_absolute():
-            location = str(base / location)  # relative paths are relative to the manifest
+        relative = "://" not in location and not Path(location).is_absolute()
+        if relative:
+            location = f"{base.rstrip('/')}/{location}" if "://" in base else str(Path(base) / location)
         source_id = str(row[key_col]) if row.get(key_col) not in (None, "") else str(index)
-        yield Record(spec.name, source_id, location, captions)
+        yield Record(spec.name, source_id, location, captions, root=base if relative or root is not None else None)
 
 
 def _row_captions(row: dict, column: str) -> tuple[str, ...]:

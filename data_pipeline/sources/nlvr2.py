@@ -38,7 +38,7 @@ def read(spec: SourceSpec) -> Iterator[Record]:
         folder = root / directory if directory is not None else root
         captions, targets = _clean_aligned([s for s, _ in items], [t for _, t in items])
         yield Record(spec.name, pair, str(folder / f"{pair}-img0.png"), captions, targets=targets,
-                     image2=str(folder / f"{pair}-img1.png"))
+                     image2=str(folder / f"{pair}-img1.png"), root=images)
 
 
 def _nlvr2_row(row) -> tuple[str, str | None, str, dict] | str:

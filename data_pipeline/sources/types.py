@@ -44,6 +44,10 @@ class Record:
     byte_range: tuple[int, int] | None = None  # (offset, length) inside `image`, for tar members
     targets: tuple | None = None   # task sources: one JSON-serialisable label per caption, aligned
     image2: str | None = None      # a second image (NLVR2: the right one)
+    # The folder or s3:// prefix both images must resolve inside (symlinks followed), else the
+    # shard job skips the record as `unsafe_path` unread; None only for locations the user
+    # named whole (a manifest's absolute paths and URIs without images=).
+    root: str | None = None
 
     @property
     def key(self) -> str:

@@ -28,4 +28,5 @@ def read(spec: SourceSpec) -> Iterator[Record]:
         url_parts = str(info.get("url", "")).rstrip("/").split("/")
         candidates = [root / "/".join(url_parts[-2:]), root / url_parts[-1]] if len(url_parts) >= 2 else []
         path = next((c for c in candidates if c.is_file()), root / f"{image_id}.jpg")
-        yield Record(spec.name, image_id, str(path), _clean(r.get("phrase") for r in entry.get("regions", [])))
+        yield Record(spec.name, image_id, str(path), _clean(r.get("phrase") for r in entry.get("regions", [])),
+                     root=images)

@@ -39,7 +39,8 @@ def read(spec: SourceSpec) -> Iterator[Record]:
     root = Path(images)
     for image_id, items in by_image.items():
         captions, targets = _clean_aligned([t for t, _ in items], [a for _, a in items])
-        yield Record(spec.name, str(image_id), str(root / f"{prefix}{image_id:012d}.jpg"), captions, targets=targets)
+        yield Record(spec.name, str(image_id), str(root / f"{prefix}{image_id:012d}.jpg"), captions, targets=targets,
+                     root=images)
 
 
 def _coco_prefix(data: dict, path: str) -> str:
