@@ -6,12 +6,14 @@
 Inputs: folders or `s3://` prefixes (every .tar below them), tar paths or URLs, and brace
 patterns (`shards/{00000..00999}.tar`); a tar a pattern names but storage lacks is counted as
 missing, not an error. Each tar is read once, sequentially, by one Ray task
-(data_pipeline/tar_index.py says what is checked and why a sample is skipped); the tars are
-never written. Into `--out` (default: the folder holding the tars) go NAME.idx (DALI's
+(data_pipeline/tar_index.py says what is checked and why a sample is skipped: the loader's own
+caps are applied, so nothing listed is refused when training reads it); the tars are never
+written. Into `--out` (default: the folder holding the tars) go NAME.idx (DALI's
 index), NAME_index.json (the tar's result: a rerun skips every tar whose result matches its
 URL and size) and manifest.json, last. A shard's `name` is its path below the inputs' common
-folder; when the manifest is elsewhere, `url` says where the tar is. Training then reads the
-tars directly: `--data.shards=OUT`.
+folder; when the manifest is elsewhere, `url` says where the tar is, and `sources` (the inputs,
+made absolute) where the loader lets such a url point (pixelbert_dist/data/plan.py: tar_roots).
+Training then reads the tars directly: `--data.shards=OUT`.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from collections import Counter
 from pathlib import Path
 
 from data_pipeline.images import DEFAULT_MAX_PIXELS
-from data_pipeline.shard_format import FORMAT, IMG2DATASET, INDEX_FORMAT, MANIFEST, dali_index, unsafe_member
+from data_pipeline.shard_format import (FORMAT, IMG2DATASET, INDEX_FORMAT, MANIFEST, MAX_MEMBER_BYTES,
+                                        MAX_SAMPLE_BYTES, dali_index, unsafe_member)
 from data_pipeline.storage import StorageError, StorageUnavailable, open_storage
 from data_pipeline.tar_index import index_stream
 from data_pipeline.version import code_version
+from data_pipeline.dataset_manifest import lies_under, source_root
 
 log = logging.getLogger("data_pipeline.index")
 MAX_EXAMPLES = 20  # skipped samples named in the manifest's stats (every one is named in its shard)
+CAPS = [MAX_MEMBER_BYTES, MAX_SAMPLE_BYTES]  # the loader's, applied when indexing: a result made under others is redone
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -94,9 +99,9 @@ def index_tar(name: str, url: str, out_url: str, max_pixels: int) -> dict:
     result_name = f"{stem(name)}_index.json"
     try:
         done = json.loads(out.read_bytes(result_name))
-    except (StorageError, ValueError):
+    except (StorageError, ValueError, RecursionError):
         done = None
-    if (isinstance(done, dict) and done.get("url") == url and done.get("bytes") == size
+    if (isinstance(done, dict) and done.get("url") == url and done.get("bytes") == size and done.get("caps") == CAPS
             and done.get("max_pixels") == max_pixels and out.exists(done.get("index", ""))):
         return {**done, "reused": True}
     started = time.time()
@@ -104,7 +109,7 @@ def index_tar(name: str, url: str, out_url: str, max_pixels: int) -> dict:
         tar = index_stream(stream, max_pixels)
     out.write_bytes(f"{stem(name)}.idx", dali_index(tar.entries).encode())
     result = {"name": name, "url": url, "index": f"{stem(name)}.idx", "bytes": tar.bytes, "sha256": tar.sha256,
-              "max_pixels": max_pixels, "num_samples": len(tar.samples), "samples": tar.samples,
+              "max_pixels": max_pixels, "caps": CAPS, "num_samples": len(tar.samples), "samples": tar.samples,
               "skipped": tar.skipped, "skipped_counts": tar.skipped_counts, "truncated": tar.truncated,
               "read_seconds": round(time.time() - started, 3)}
     out.write_bytes(result_name, json.dumps(result, sort_keys=True).encode())  # last: marks the tar done
@@ -158,7 +163,8 @@ def write_manifest(out, results: list[dict], beside: bool, inputs: list[str], ma
         "format": INDEX_FORMAT,
         "sources": inputs,
         "code_version": code_version(),
-        "settings": {"max_pixels": max_pixels},
+        "settings": {"max_pixels": max_pixels, "max_member_bytes": MAX_MEMBER_BYTES,
+                     "max_sample_bytes": MAX_SAMPLE_BYTES},
         "num_samples": sum(r["num_samples"] for r in found),
         "num_captions": sum(r["num_samples"] for r in found),
         "num_shards": len(shards),
@@ -181,7 +187,7 @@ def check_output(out, overwrite: bool) -> None:
         existing = json.loads(out.read_bytes(MANIFEST))
     except StorageError:
         return
-    except ValueError:
+    except (ValueError, RecursionError):
         existing = {}
     if existing.get("format") != INDEX_FORMAT and not overwrite:
         made_by = "data_pipeline.shard" if existing.get("format") == FORMAT else "another tool"
@@ -209,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
     try:
-        urls = expand_inputs(args.inputs)
+        sources = [_absolute(pattern) for pattern in args.inputs]
+        urls = expand_inputs(sources)
+        stray = [u for u in urls if not any(lies_under(u, source_root(s)) for s in sources)]
+        if stray:  # a symlink out of the inputs: the loader would refuse such a url
+            raise StorageError(f"tars that resolve outside the inputs {sources}: {stray[:3]}")
         folder = common_folder(urls)
         names = [url[len(folder) + 1:] for url in urls]
         bad = [n for n in names if unsafe_member(n)]
@@ -225,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d tars under %s -> %s", len(urls), folder, out.url)
     connect_ray(args.ray_address, args.num_cpus)
     results = run_index(names, urls, out_url, args.max_pixels, progress=not args.no_progress)
-    manifest = write_manifest(out, results, out_url == folder, args.inputs, args.max_pixels, time.time() - started)
+    manifest = write_manifest(out, results, out_url == folder, sources, args.max_pixels, time.time() - started)
     stats = manifest["stats"]
     log.info("indexed %d samples in %d tars (%d read, %d already indexed) into %s in %.1f s; skipped %s%s",
              manifest["num_samples"], manifest["num_shards"], stats["tars_read"], stats["tars_reused"], out.url,

@@ -209,7 +209,7 @@ def caption_of(members: dict[str, bytes]) -> str | None:
     if not text and "json" in members:
         try:
             meta = json.loads(members["json"])
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
             meta = None
         caption = meta.get("caption") if isinstance(meta, dict) else None
         text = caption.strip() if isinstance(caption, str) else ""
@@ -277,8 +277,9 @@ def sample_metadata(members: dict[str, bytes], where: str, captions: int) -> dic
         meta = json.loads(members["json"])
     except KeyError:
         raise ShardFormatError(f"{where}: no .json member") from None
-    except ValueError as err:
-        raise ShardFormatError(f"{where}: its .json member is not JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: nested past the parser's depth
+        raise ShardFormatError(f"{where}: its .json member is not JSON ({type(err).__name__}: {str(err)[:200]})") \
+            from None
     texts = meta.get("captions") if isinstance(meta, dict) else None
     if not (isinstance(texts, list) and len(texts) == captions and all(isinstance(t, str) for t in texts)):
         raise ShardFormatError(f"{where}: its .json member does not hold the {captions} captions the manifest lists")

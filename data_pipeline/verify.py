@@ -3,15 +3,17 @@
     python -m data_pipeline.verify data/synthetic-shards
     python -m data_pipeline.verify s3://bucket/coco-vg
 
-Per shard: present, size, sha256, sample count, keys and byte offsets, the DALI index, and
-that every image (a pair's right one too) decodes. Shards are read as streams, several at a time.
+The manifest is checked first, by the loader's own check (pixelbert_dist/data/plan.py:
+read_manifest): a shard named `../x.tar` or `/abs/x.tar`, or a manifest cut short, is refused
+before any shard is opened. Then per shard: present, size, sha256, sample count, keys and byte
+offsets, the DALI index, and that every image (a pair's right one too) decodes. Shards are read
+as streams, several at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,7 @@ from PIL import Image
 
 from data_pipeline.shard_format import MANIFEST, dali_index, read_samples
 from data_pipeline.storage import HashingStream, Storage, StorageError, open_storage
+from data_pipeline.dataset_manifest import ManifestError, read_manifest
 
 
 def check_shard(storage: Storage, shard: dict) -> list[str]:
@@ -65,9 +68,11 @@ def check_shard(storage: Storage, shard: dict) -> list[str]:
 def verify(url: str, workers: int | None = None) -> tuple[dict, list[str]]:
     storage = open_storage(url)
     try:
-        manifest = json.loads(storage.read_bytes(MANIFEST))
+        manifest = read_manifest(storage, url)
     except StorageError:
         return {}, [f"{url}: no {MANIFEST} (an unfinished or foreign dataset)"]
+    except ManifestError as err:  # names the manifest and the shard; no shard was opened
+        return {}, [str(err)]
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         problems = [p for found in pool.map(lambda s: check_shard(storage, s), manifest["shards"]) for p in found]
     return manifest, problems

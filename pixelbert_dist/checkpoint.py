@@ -1,5 +1,5 @@
 """Checkpoints: DeepSpeed's own save/load plus our client state, a completion marker, keep-last-K.
-(Just over 300 lines: the Checkpointer and the file-level functions it orchestrates
+(About 350 lines: the Checkpointer and the file-level functions it orchestrates
 (save, mirror push/pull, elastic load) change together.)
 
     checkpointer = Checkpointer(cfg.checkpoint, dist_info, resume="auto", seed=cfg.train.seed)
@@ -13,14 +13,19 @@
     checkpoints/step00000100/complete.json      written by rank 0 after every rank has saved
 
 `--resume auto` takes the newest folder with complete.json, so a checkpoint cut off
-mid-write is never taken. Our state is JSON: readable, and loaded without unpickling.
+mid-write is never taken. Our state is JSON. DeepSpeed's .pt files are pickles, read
+weights-only (safe_load.py: tensors, containers and the few DeepSpeed records they hold), by
+resume, the elastic resume, from_pretrained, export and task.init alike: a file that asks for
+anything else is refused by name, and nothing of it runs.
 
 With `checkpoint.mirror` (an s3:// URL), each complete checkpoint is copied there: every
 rank sends the files it wrote (so node-local folders work), then rank 0 sends complete.json
 last, only if every rank's files arrived. An upload that fails (S3 down for longer than
 data_pipeline.storage.S3Settings allows) fails the save on every rank with a StorageError: the
 mirror's copy has no complete.json, so no resume takes it. `--resume auto` takes the newer of
-the local and the mirrored checkpoint and fetches the mirrored one onto each node that lacks it.
+the local and the mirrored checkpoint and fetches the mirrored one onto each node that lacks it;
+the mirror may be writable by others, so only our tags count and a file name that would land
+outside its checkpoint folder refuses the fetch before anything is written.
 
 A job resumed on another number of ranks cannot load ZeRO's optimizer partitions (DeepSpeed
 refuses a new data-parallel size, and its universal-checkpoint converter only knows Adam
@@ -53,6 +58,9 @@ log = logging.getLogger("pixelbert_dist.checkpoint")
 
 COMPLETE = "complete.json"
 CLIENT_STATE = "client_state.json"
+
+
+TAG = re.compile(r"step\d{8,}")  # tag_for's names
 
 
 def tag_for(step: int) -> str:
@@ -118,7 +126,9 @@ def _writer_rank(file_name: str) -> int:
 
 
 def mirrored_tags(store: Storage) -> list[str]:
-    return sorted(name.split("/")[0] for name in store.list() if name.endswith(f"/{COMPLETE}"))
+    """Our checkpoints in the mirror: tags of tag_for's form with complete.json (other names are not ours)."""
+    return sorted(tag for tag, _, rest in (name.partition("/") for name in store.list())
+                  if rest == COMPLETE and TAG.fullmatch(tag))
 
 
 def _every_rank_did(work, what: str) -> None:
@@ -168,7 +178,8 @@ def pull_newest(root: str | Path, mirror: str, local_rank: int) -> None:
 
     Rank 0 decides, so every node resumes the same step; local rank 0 of each node that
     lacks that checkpoint downloads it (complete.json last). Only checkpoints with
-    complete.json in the mirror count: a partial upload is never taken.
+    complete.json in the mirror count: a partial upload is never taken. Every name is checked
+    before the first download: one that would land outside root/tag refuses the whole fetch.
     """
     store = open_storage(mirror)
     choice: list[str | None] = [None]
@@ -184,10 +195,23 @@ def pull_newest(root: str | Path, mirror: str, local_rank: int) -> None:
     def fetch() -> None:
         if tag is not None and local_rank == 0 and tag not in complete_tags(root):
             names = [n for n in store.list() if n.startswith(f"{tag}/")]
+            targets = {name: _target(Path(root), tag, name) for name in names}
             for name in sorted(names, key=lambda n: n.endswith(COMPLETE)):
-                store.download_file(name, str(Path(root) / name))
+                store.download_file(name, str(targets[name]))
 
     _every_rank_did(fetch, f"cannot fetch checkpoint {tag} from the mirror {mirror}")
+
+
+def _target(root: Path, tag: str, name: str) -> Path:
+    """Where the mirrored file `name` (tag/...) goes: inside root/tag, else StorageError naming it."""
+    folder = (root / tag).resolve()
+    parts = name[len(tag) + 1:].split("/")
+    safe = all(part not in ("", ".", "..") and "\0" not in part for part in parts)
+    target = folder.joinpath(*parts).resolve() if safe else None  # symlinks followed: the real place
+    if target is None or not target.is_relative_to(folder) or target == folder:
+        raise StorageError(f"the mirror's file {name!r} would be written outside {root / tag} (an absolute "
+                           "name, an empty, '.' or '..' part): refusing the whole checkpoint, nothing fetched")
+    return target
 
 
 def resolve(resume: str | None, root: str | Path) -> tuple[Path, str] | None:
@@ -211,8 +235,12 @@ def read_client_state(root: Path, tag: str) -> dict:
 
 def load(engine, root: Path, tag: str) -> None:
     """Model, optimizer and scheduler into the engine (same data-parallel size)."""
+    from pixelbert_dist import safe_load  # imports deepspeed: not before distributed.init picks its accelerator
+
     try:
-        path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+        # the engine's own loads are weights-only (engine.build_engine); this covers DeepSpeed's others
+        with safe_load.weights_only(root / tag):
+            path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
     except RuntimeError as err:  # state-dict shape mismatches
         raise ValueError(f"checkpoint {root / tag} does not fit this model: {str(err)[:500]}") from None
     if path is None:
@@ -223,7 +251,10 @@ def load_weights_only(model, root: Path, tag: str) -> None:
     """Consolidated fp32 weights of a ZeRO checkpoint (any stage) into a plain model."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    from pixelbert_dist import safe_load
+
+    with safe_load.weights_only(root / tag):  # zero_to_fp32 has no loader hook of its own
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"cls.predictions.decoder.weight"}  # the same tensor as the word embeddings
     if set(missing) - tied or unexpected:

@@ -60,8 +60,11 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
 
 
 def build_engine(model, optimizer, scheduler, ds_config: dict):
+    """The DeepSpeed engine; it reads checkpoints weights-only (safe_load: a checkpoint runs no code)."""
     import deepspeed
+
+    from pixelbert_dist import safe_load
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    return engine
+    return safe_load.install(engine)

@@ -48,7 +48,8 @@ class Trainer:
                                       dist_info.rank, dist_info.world_size, cfg.train.seed, cfg.data.num_workers,
                                       cfg.data.open_shards, spec.batch_builder(self.run))
         self.loader.manifest.check_shards_present()
-        self.eval_manifest = Manifest(cfg.data.eval_manifest) if cfg.data.eval_manifest else None
+        self.eval_manifest = (Manifest(cfg.data.eval_manifest, shard_roots=cfg.data.shard_roots)
+                              if cfg.data.eval_manifest else None)
         if self.eval_manifest is not None:  # a missing held-out set: an error now, not at the first evaluation
             self.eval_manifest.check_shards_present()
         self.ds_config = deepspeed_config(cfg, dist_info.world_size)

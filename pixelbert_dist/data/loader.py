@@ -86,7 +86,7 @@ class StreamingLoader:
         self.make_builder = make_builder
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers, self.open_shards = num_workers, open_shards
-        self.manifest = Manifest(manifest_url, cfg.captions_per_image)
+        self.manifest = Manifest(manifest_url, cfg.captions_per_image, cfg.shard_roots)
         self.image_decoder = choose_decoder(cfg, make_builder, batch_size)  # where images are decoded
         self.epoch = 0
         self.consumed: dict[str, list[list[int]]] = {}

@@ -17,58 +17,14 @@ ranks or workers continues with exactly the unseen pairs.
 from __future__ import annotations
 
 import bisect
-import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from data_pipeline.shard_format import IMG2DATASET, MANIFEST, MAX_SAMPLE_BYTES, TAR_BLOCK, unsafe_member
+from data_pipeline.dataset_manifest import ManifestError, read_manifest  # noqa: F401 (ManifestError: re-exported)
 from data_pipeline.storage import Storage, StorageError, open_storage, sha256_of
 
 MIX_WINDOW = 16  # samples whose captions are dealt round-robin
-MAX_CAPTIONS = 10_000  # per sample; a larger count is a broken manifest (the dealing would list them all)
-
-
-class ManifestError(ValueError):
-    """A manifest a reader must not trust: the message names it, the shard and the sample."""
-
-
-def check_manifest(url: str, data: object) -> None:
-    """Names, offsets and sizes before anything is read: a shard name is a relative path inside
-    the manifest's location (no `..`, no absolute path, no URL); only an index manifest's
-    shards (layout img2dataset) may say where their tar is (`url`, ending in the name); each
-    sample lies inside its shard's listed bytes, block-aligned, after the previous one, within
-    the reader's size cap, with a sane caption count."""
-    shards = data.get("shards") if isinstance(data, dict) else None
-    if not isinstance(shards, list):
-        raise ManifestError(f"{url}/{MANIFEST}: no list of shards")
-    names = set()
-    for shard in shards:
-        name = shard.get("name") if isinstance(shard, dict) else None
-        where = f"{url}/{MANIFEST}: shard {name!r}"
-        if not isinstance(name, str) or unsafe_member(name) or ":" in name or name in names:
-            raise ManifestError(f"{where}: a shard name must be a unique relative path inside the dataset's "
-                                "location (no '..', absolute path or URL)")
-        names.add(name)
-        link = shard.get("url")
-        if link is not None and (shard.get("layout") != IMG2DATASET or not isinstance(link, str)
-                                 or not link.endswith(f"/{name}") or ".." in link.split("/")):
-            raise ManifestError(f"{where}: url {link!r} is not where an index of this shard points")
-        total, position = shard.get("bytes"), 0
-        if not _count(total) or not isinstance(shard.get("samples"), list):
-            raise ManifestError(f"{where}: no byte count or sample list")
-        for sample in shard["samples"]:
-            key, offset, size = (sample.get(k) for k in ("key", "offset", "size"))
-            if not (isinstance(key, str) and key and _count(offset) and _count(size) and 0 < size <= MAX_SAMPLE_BYTES
-                    and offset % TAR_BLOCK == 0 and position <= offset and offset + size <= total):
-                raise ManifestError(f"{where}: sample {key!r} at offset {offset} of {size} bytes is not inside the "
-                                    f"shard's {total} bytes after the previous sample (which ends at {position})")
-            if not (_count(sample.get("captions")) and sample["captions"] <= MAX_CAPTIONS):
-                raise ManifestError(f"{where}: sample {key!r} lists {sample.get('captions')!r} captions")
-            position = offset + size
-
-
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class _NamedStream:
@@ -120,16 +76,11 @@ class Segment:
 class Manifest:
     """A dataset's manifest.json: shards, their samples' byte offsets and caption counts."""
 
-    def __init__(self, url: str, captions_per_image: int = 1) -> None:
+    def __init__(self, url: str, captions_per_image: int = 1, shard_roots: Iterable[str] = ()) -> None:
+        """`shard_roots` (data.shard_roots): more places an index manifest's tars may be (tar_roots)."""
         self.url, self.group = url, captions_per_image
         self.storage = open_storage(url)
-        try:
-            data = json.loads(self.storage.read_bytes(MANIFEST))
-        except StorageError as err:
-            raise StorageError(f"no dataset at {url}: {err}") from None
-        except ValueError as err:
-            raise ManifestError(f"{url}/{MANIFEST} is not JSON: {err}") from None
-        check_manifest(url, data)
+        data = read_manifest(self.storage, url, shard_roots)
         self.shards = {s["name"]: s for s in data["shards"]}
         self._stores: dict[str, Storage] = {}
         self.order = [s["name"] for s in data["shards"]]

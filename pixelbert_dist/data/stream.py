@@ -11,7 +11,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from data_pipeline.shard_format import IMG2DATASET, caption_of, image_member, read_listed, sample_metadata
+from data_pipeline.shard_format import (IMG2DATASET, ShardFormatError, caption_of, image_member, read_listed,
+                                        sample_metadata)
 from pixelbert_dist.data.plan import Manifest, Segment, round_robin
 
 
@@ -55,9 +56,17 @@ def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
 def _unpack(entry: dict, members: dict[str, bytes], indexed: bool, shard: str) -> tuple:
     """(key, image bytes, captions, targets, second image) of one sample the manifest lists."""
     key = entry["key"]
-    if indexed:  # img2dataset's layout, checked when it was indexed
-        return key, members[image_member(members)], [caption_of(members)], None, None
-    meta = sample_metadata(members, f"{shard}: sample {key!r}", entry["captions"])
+    where = f"{shard}: sample {key!r}"
+    if indexed:  # img2dataset's layout, checked when it was indexed: a failure here means the tar changed since
+        image = image_member(members)
+        try:
+            caption = caption_of(members)
+        except ValueError as err:  # KEY.txt not UTF-8
+            raise ShardFormatError(f"{where}: its caption does not parse ({type(err).__name__})") from None
+        if image is None or caption is None:
+            raise ShardFormatError(f"{where}: no image or no caption (the tar changed since it was indexed?)")
+        return key, members[image], [caption], None, None
+    meta = sample_metadata(members, where, entry["captions"])
     return key, members.get("jpg", b""), meta["captions"], meta.get("targets"), members.get("right.jpg")
 
 
