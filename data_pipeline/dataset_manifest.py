@@ -1,29 +1,36 @@
-"""A dataset's manifest.json as readers take it: parsed and checked before any shard is opened.
+"""A dataset's manifest.json and its shards' sample tables, as readers take them: checked first.
 
 The loader (pixelbert_dist/data/plan.py, `Manifest`) and `python -m data_pipeline.verify` read
-a manifest only through `read_manifest`, so both refuse the same things: names that leave the
-dataset's location, tar urls outside the roots it may point into, samples outside their shard.
+a dataset only through `read_manifest` and `read_table`, so both refuse the same things: names
+that leave the dataset's location, tar urls outside the roots they may point into, samples
+outside their shard.
+
+Two levels (format v2): the manifest lists shards only, O(shards) to read whatever the number
+of samples; each shard's per-sample table (data_pipeline/sample_table.py) is read when the
+shard is opened. A v1 manifest (samples inline, written before v2) is still read: its tables
+are built from the inline lists, at the old O(samples) cost; `python -m data_pipeline.upgrade`
+writes its tables and a v2 manifest without touching a tar.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 
-from data_pipeline.shard_format import IMG2DATASET, MANIFEST, MAX_SAMPLE_BYTES, TAR_BLOCK, unsafe_member
+from data_pipeline.sample_table import (MAX_CAPTIONS, SampleTable, decode_table, max_table_bytes,
+                                        table_from_samples, table_name)
+from data_pipeline.shard_format import (FORMAT, IMG2DATASET, INDEX_FORMAT, MANIFEST, MAX_SAMPLE_BYTES, TAR_BLOCK,
+                                        V1_FORMATS, ManifestError, unsafe_member)
 from data_pipeline.storage import Storage, StorageError
 
-MAX_CAPTIONS = 10_000  # per sample; a larger count is a broken manifest (the dealing would list them all)
-
-
-class ManifestError(ValueError):
-    """A manifest a reader must not trust: the message names it, the shard and the sample."""
+__all__ = ["ManifestError", "read_manifest", "read_table", "is_v1", "pairs_of", "check_manifest"]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def read_manifest(storage: Storage, url: str, shard_roots: Iterable[str] = ()) -> dict:
-    """A dataset's manifest.json, parsed and checked before any shard is opened: the loader
-    (Manifest) and `python -m data_pipeline.verify` both read it here."""
+    """A dataset's manifest.json, parsed and checked before any shard is opened."""
     try:
         raw = storage.read_bytes(MANIFEST)
     except StorageError as err:
@@ -37,16 +44,47 @@ def read_manifest(storage: Storage, url: str, shard_roots: Iterable[str] = ()) -
     return data
 
 
+def is_v1(data: dict) -> bool:
+    """A manifest written before the two-level index: every shard lists its samples inline."""
+    return data.get("format") in V1_FORMATS or data.get("format") is None
+
+
+def pairs_of(shard: dict) -> int:
+    """A listed shard's image-caption pairs (the sum of its samples' caption counts)."""
+    return shard["num_captions"]
+
+
+def read_table(storage: Storage, url: str, shard: dict) -> SampleTable:
+    """A listed shard's sample table, read (at most the bytes its row count allows) and checked:
+    its sha256, its rows (inside the shard, in order, within the caps) and its pair count."""
+    if isinstance(shard.get("samples"), list):  # v1: inline, checked with the manifest
+        return table_from_samples(shard["samples"])
+    where = f"{url}/{table_name(shard['name'])}: shard {shard['name']!r}"
+    try:
+        data = storage.read_bytes(table_name(shard["name"]), (0, max_table_bytes(shard["num_samples"]) + 1))
+    except StorageError as err:
+        raise ManifestError(f"{where}: its sample table cannot be read: {err}") from None
+    table = decode_table(data, where, shard["num_samples"], shard["bytes"], shard["table_sha256"])
+    if table.num_pairs != pairs_of(shard):
+        raise ManifestError(f"{where}: its sample table holds {table.num_pairs} pairs, the manifest "
+                            f"{pairs_of(shard)}")
+    return table
+
+
 def check_manifest(url: str, data: object, shard_roots: Iterable[str] = ()) -> None:
-    """Names, locations, offsets and sizes before anything is read: a shard name (and its DALI
-    index's) is a relative path inside the manifest's location (no `..`, no absolute path, no
-    URL); only an index manifest's shards (layout img2dataset) may say where their tar is (`url`,
-    ending in the name), and only inside a trusted root (tar_roots); each sample lies inside its
-    shard's listed bytes, block-aligned, after the previous one, within the reader's size cap,
-    with a sane caption count."""
+    """Names, locations and counts before anything is read: a shard name (and its DALI index's)
+    is a relative path inside the manifest's location (no `..`, no absolute path, no URL); only
+    an index manifest's shards (layout img2dataset) may say where their tar is (`url`, ending in
+    the name), and only inside a trusted root (tar_roots). v2: sample and pair counts and the
+    table's sha256 are listed; v1: each inline sample lies inside its shard's listed bytes,
+    block-aligned, after the previous one, within the reader's size cap, with a sane caption count."""
     shards = data.get("shards") if isinstance(data, dict) else None
     if not isinstance(shards, list):
         raise ManifestError(f"{url}/{MANIFEST}: no list of shards")
+    if data.get("format") not in (FORMAT, INDEX_FORMAT, *V1_FORMATS, None):
+        raise ManifestError(f"{url}/{MANIFEST}: format {data.get('format')!r} is not one this version reads "
+                            f"({FORMAT}, {INDEX_FORMAT} or their v1)")
+    v1 = is_v1(data)
     roots = None  # computed for the first shard with a url: a dataset the sharding job wrote has none
     names = set()
     for shard in shards:
@@ -68,18 +106,31 @@ def check_manifest(url: str, data: object, shard_roots: Iterable[str] = ()) -> N
                 raise ManifestError(f"{where}: url {link!r} lies outside the dataset's location and the sources "
                                     f"it was indexed from in the same store ({', '.join(roots) or 'none'}); "
                                     "list its folder in data.shard_roots if it is to be read")
-        total, position = shard.get("bytes"), 0
-        if not _count(total) or not isinstance(shard.get("samples"), list):
-            raise ManifestError(f"{where}: no byte count or sample list")
-        for sample in shard["samples"]:
-            key, offset, size = (sample.get(k) for k in ("key", "offset", "size"))
-            if not (isinstance(key, str) and key and _count(offset) and _count(size) and 0 < size <= MAX_SAMPLE_BYTES
-                    and offset % TAR_BLOCK == 0 and position <= offset and offset + size <= total):
-                raise ManifestError(f"{where}: sample {key!r} at offset {offset} of {size} bytes is not inside the "
-                                    f"shard's {total} bytes after the previous sample (which ends at {position})")
-            if not (_count(sample.get("captions")) and sample["captions"] <= MAX_CAPTIONS):
-                raise ManifestError(f"{where}: sample {key!r} lists {sample.get('captions')!r} captions")
-            position = offset + size
+        if not _count(shard.get("bytes")):
+            raise ManifestError(f"{where}: no byte count")
+        if v1 or "samples" in shard:  # samples inline: checked (and counted) as v1 always was
+            _check_inline_samples(shard, where)
+        elif not (_count(shard.get("num_samples")) and _count(shard.get("num_captions"))
+                  and isinstance(shard.get("table_sha256"), str) and _SHA256.fullmatch(shard["table_sha256"])):
+            raise ManifestError(f"{where}: no sample and caption counts or table sha256 (a v2 manifest lists them)")
+
+
+def _check_inline_samples(shard: dict, where: str) -> None:
+    total, position = shard["bytes"], 0
+    if not isinstance(shard.get("samples"), list):
+        raise ManifestError(f"{where}: no sample list")
+    for sample in shard["samples"]:
+        key, offset, size = (sample.get(k) for k in ("key", "offset", "size")) if isinstance(sample, dict) else \
+            (None, None, None)
+        if not (isinstance(key, str) and key and _count(offset) and _count(size) and 0 < size <= MAX_SAMPLE_BYTES
+                and offset % TAR_BLOCK == 0 and position <= offset and offset + size <= total):
+            raise ManifestError(f"{where}: sample {key!r} at offset {offset} of {size} bytes is not inside the "
+                                f"shard's {total} bytes after the previous sample (which ends at {position})")
+        if not (_count(sample.get("captions")) and sample["captions"] <= MAX_CAPTIONS):
+            raise ManifestError(f"{where}: sample {key!r} lists {sample.get('captions')!r} captions")
+        position = offset + size
+    shard["num_samples"] = len(shard["samples"])
+    shard["num_captions"] = sum(sample["captions"] for sample in shard["samples"])
 
 
 # ---------------------------------------------------------------------------- where tars may be

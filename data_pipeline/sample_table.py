@@ -20,15 +20,21 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from data_pipeline.shard_format import MAX_SAMPLE_BYTES, TAR_BLOCK
+from data_pipeline.shard_format import MAX_SAMPLE_BYTES, TAR_BLOCK, ManifestError
 
 MAX_CAPTIONS = 10_000  # per sample; a larger count is a broken index (the dealing would list them all)
 MAX_KEY_BYTES = 256    # a longer key is a broken index; keeps a table's row size bounded
 TABLE_SUFFIX = ".samples.npy"
 _FIELDS = (("offset", "<u8"), ("size", "<u4"), ("captions", "<u2"))
+_HEADER_BYTES = 4096   # an .npy header is ~128 bytes; more is not a table of ours
 
 
-class TableError(ValueError):
+def max_table_bytes(samples: int) -> int:
+    """The most bytes a table of `samples` rows may have: read no more than this whatever is stored."""
+    return _HEADER_BYTES + samples * (MAX_KEY_BYTES + 14)
+
+
+class TableError(ManifestError):
     """A table a reader must not trust: the message names the shard and the sample."""
 
 
@@ -39,6 +45,11 @@ def table_name(shard_name: str) -> str:
 
 def _dtype(key_bytes: int) -> np.dtype:
     return np.dtype([("key", f"S{max(1, key_bytes)}"), *_FIELDS])
+
+
+def table_from_samples(samples: list[dict]) -> "SampleTable":
+    """A table held in memory, from a v1 manifest's inline sample list (already checked)."""
+    return decode_table(encode_table(samples), "(inline)", len(samples), None, None)
 
 
 def encode_table(samples: Iterable[dict]) -> bytes:
@@ -86,9 +97,11 @@ class SampleTable:
         return int(self.captions.sum())
 
 
-def decode_table(data: bytes, where: str, samples: int, shard_bytes: int, sha256: str | None) -> SampleTable:
+def decode_table(data: bytes, where: str, samples: int, shard_bytes: int | None, sha256: str | None) -> SampleTable:
     """Check and load a table's bytes; `where` names the shard in every error. `samples`,
-    `shard_bytes` and `sha256` are what the manifest lists for it."""
+    `shard_bytes` and `sha256` are what the manifest lists for it (None: not checked)."""
+    if len(data) > max_table_bytes(samples):
+        raise TableError(f"{where}: its sample table has {len(data)} bytes, more than {samples} samples take")
     if sha256 is not None and digest(data) != sha256:
         raise TableError(f"{where}: its sample table does not hash to the manifest's sha256 (changed or damaged)")
     try:
@@ -103,7 +116,8 @@ def decode_table(data: bytes, where: str, samples: int, shard_bytes: int, sha256
     if len(table) != samples:
         raise TableError(f"{where}: its sample table lists {len(table)} samples, the manifest {samples}")
     loaded = SampleTable(table)
-    check_rows(loaded, where, shard_bytes)
+    if shard_bytes is not None:
+        check_rows(loaded, where, shard_bytes)
     return loaded
 
 
@@ -113,10 +127,14 @@ def check_rows(table: SampleTable, where: str, shard_bytes: int) -> None:
     offsets, sizes, captions = table.offsets, table.sizes, table.captions
     ends = offsets + sizes
     previous_end = np.concatenate(([0], ends[:-1]))
-    bad = ((offsets % TAR_BLOCK != 0) | (offsets < previous_end) | (sizes <= 0) | (sizes > MAX_SAMPLE_BYTES)
-           | (ends > shard_bytes) | (captions > MAX_CAPTIONS) | (table._keys == b""))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise TableError(f"{where}: sample {table.key(i)!r} (#{i}) at offset {int(offsets[i])} of {int(sizes[i])} "
-                         f"bytes with {int(captions[i])} captions is not inside the shard's {shard_bytes} bytes "
-                         f"after the previous sample (which ends at {int(previous_end[i])}), or breaks a cap")
+    misplaced = ((offsets % TAR_BLOCK != 0) | (offsets < previous_end) | (sizes <= 0) | (sizes > MAX_SAMPLE_BYTES)
+                 | (ends > shard_bytes) | (table._keys == b""))
+    if misplaced.any():
+        i = int(np.argmax(misplaced))
+        raise TableError(f"{where}: sample {table.key(i)!r} at offset {int(offsets[i])} of {int(sizes[i])} bytes "
+                         f"(row {i}) is not inside the shard's {shard_bytes} bytes after the previous sample "
+                         f"(which ends at {int(previous_end[i])}), or has no key")
+    if (captions > MAX_CAPTIONS).any():
+        i = int(np.argmax(captions > MAX_CAPTIONS))
+        raise TableError(f"{where}: sample {table.key(i)!r} lists {int(captions[i])} captions (row {i}; "
+                         f"at most {MAX_CAPTIONS})")

@@ -25,11 +25,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from data_pipeline.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, BadImage, ImageSettings, process_image
-from data_pipeline.shard_format import (FORMAT, JOB, MANIFEST, MAX_MEMBER_BYTES, ShardResult, ShardWriter,
-                                        dali_index, index_name, is_job_file, shard_name, stats_name)
+from data_pipeline.sample_table import MAX_KEY_BYTES, digest, encode_table, table_name
+from data_pipeline.shard_format import (FORMAT, JOB, MANIFEST, MAX_MEMBER_BYTES, V1_FORMATS, ShardResult,
+                                        ShardWriter, dali_index, index_name, is_job_file, shard_name, stats_name)
 from data_pipeline.sources import Record, SourceError, SourceSpec, read_records
 from data_pipeline.storage import (SourceRefused, Storage, StorageError, StorageUnavailable, open_storage,
                                    read_source, sha256_of, spool_dir)
@@ -68,7 +69,8 @@ def make_plan(specs: list[SourceSpec], settings: JobSettings) -> Plan:
         for record in read_records(spec):
             per_source[record.source] += 1
             reason = ("duplicate_key" if record.key in seen else
-                      "empty_caption" if not record.captions else None)
+                      "empty_caption" if not record.captions else
+                      "long_key" if len(record.key.encode()) > MAX_KEY_BYTES else None)  # over a table's cap
             if reason:
                 skips[(record.source, reason)] += 1
                 if len(examples) < MAX_EXAMPLES:
@@ -83,32 +85,64 @@ def make_plan(specs: list[SourceSpec], settings: JobSettings) -> Plan:
                 examples.append({"key": None, "image": line, "reason": "bad_record"})
     random.Random(settings.seed).shuffle(records)
     shards = [records[i:i + settings.shard_size] for i in range(0, len(records), settings.shard_size)]
-    digest = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode())
+    # v2 changed the index, not a byte of the tars: the fingerprint keeps v1's, so a job started
+    # before v2 resumes (its finished shards get their tables, shard_is_complete) instead of being refused
+    fingerprint = hashlib.sha256(json.dumps({**settings.to_dict(), "format": V1_FORMATS[0]}, sort_keys=True).encode())
     for record in records:
         fields = [record.key, record.image, record.byte_range, record.captions]
         if record.targets is not None or record.image2 is not None:  # captioning plans hash as before
             fields += [record.targets, record.image2]
-        digest.update(json.dumps(fields).encode())
-    return Plan(shards, digest.hexdigest(), per_source, skips, examples)
+        fingerprint.update(json.dumps(fields).encode())
+    return Plan(shards, fingerprint.hexdigest(), per_source, skips, examples)
 
 
 # ---------------------------------------------------------------------------- one shard
 
+def write_table(storage: Storage, shard: str, samples: list[dict]) -> dict:
+    """Write shard `shard`'s sample table beside the manifest from its samples ({key, offset, size,
+    captions} in tar order); the manifest fields that vouch for it. The index job and upgrade
+    write theirs here too."""
+    data = encode_table(samples)
+    storage.write_bytes(table_name(shard), data)
+    return {"num_samples": len(samples), "num_captions": sum(s["captions"] for s in samples),
+            "table_bytes": len(data), "table_sha256": digest(data)}
+
+
 def shard_is_complete(storage: Storage, index: int) -> ShardResult | None:
-    """The stored result if the shard's tar and index exist and the tar's sha256 matches."""
+    """The stored result if the shard's tar, DALI index and sample table exist and the tar's and
+    the table's sha256 match. A shard an earlier version finished (its stats file lists the
+    samples; no table) gets its table here, from that list: its tar is kept, not rewritten."""
     try:
-        result = ShardResult.from_json(storage.read_bytes(stats_name(index)))
-    except (StorageError, ValueError, TypeError):
+        stats = json.loads(storage.read_bytes(stats_name(index)))
+        inline = stats.pop("samples", None)  # written before v2
+        if inline is not None:
+            stats.update(num_captions=0, table_bytes=0, table_sha256="")  # filled in below
+        result = ShardResult(**stats)
+    except (StorageError, ValueError, TypeError, AttributeError, RecursionError):  # absent, cut short, foreign
         return None
     if not storage.exists(index_name(index)) or storage.size(shard_name(index)) != result.bytes:
         return None
     with storage.open_read(shard_name(index)) as stream:
-        digest, _ = sha256_of(stream)
-    return result if digest == result.sha256 else None
+        tar_digest, _ = sha256_of(stream)
+    if tar_digest != result.sha256:
+        return None
+    if inline is not None:
+        try:
+            result = replace(result, **write_table(storage, result.name, inline))
+        except (KeyError, TypeError, ValueError):  # not a list of samples: write the shard again
+            return None
+        storage.write_bytes(stats_name(index), result.to_json().encode())
+        return result
+    try:
+        table = storage.read_bytes(table_name(result.name))
+    except StorageError:
+        return None
+    return result if digest(table) == result.table_sha256 else None
 
 
 def build_shard(index: int, records: list[Record], settings: ImageSettings, storage: Storage) -> ShardResult:
-    """Validate and write one shard; the stats file is written last and marks it complete."""
+    """Validate and write one shard: tar, DALI index, sample table, then the stats file, which
+    marks it complete. The samples go to the table; the result the driver gets holds counts."""
     done = shard_is_complete(storage, index)
     if done is not None:
         return done
@@ -150,14 +184,14 @@ def build_shard(index: int, records: list[Record], settings: ImageSettings, stor
         writer.close()
         spool.flush()
         spool.seek(0)
-        digest, size = sha256_of(spool)
+        tar_digest, size = sha256_of(spool)
         storage.upload_file(shard_name(index), spool.name)
     storage.write_bytes(index_name(index), dali_index(writer.samples).encode())
+    table = write_table(storage, shard_name(index),
+                        [{**s.to_manifest(), "captions": n} for s, n in zip(writer.samples, caption_counts)])
     result = ShardResult(
-        index=index, name=shard_name(index), index_file=index_name(index),
-        num_samples=len(writer.samples), bytes=size, sha256=digest,
-        samples=[{**s.to_manifest(), "captions": n} for s, n in zip(writer.samples, caption_counts)],
-        records=dict(Counter(r.source for r in records)), written=dict(written), captions=dict(captions),
+        index=index, name=shard_name(index), index_file=index_name(index), bytes=size, sha256=tar_digest,
+        **table, records=dict(Counter(r.source for r in records)), written=dict(written), captions=dict(captions),
         skipped={source: dict(c) for source, c in skipped.items()}, skipped_examples=examples,
         reencoded=reencoded)
     storage.write_bytes(stats_name(index), result.to_json().encode())
@@ -270,8 +304,8 @@ def write_manifest(storage: Storage, plan: Plan, settings: JobSettings, results:
         "num_captions": sum(captions.values()),
         "num_shards": len(results),
         "shards": [{"name": r.name, "index": r.index_file, "num_samples": r.num_samples,
-                    "num_captions": sum(s["captions"] for s in r.samples), "bytes": r.bytes,
-                    "sha256": r.sha256, "samples": r.samples} for r in results],
+                    "num_captions": r.num_captions, "bytes": r.bytes, "sha256": r.sha256,
+                    "table_bytes": r.table_bytes, "table_sha256": r.table_sha256} for r in results],
         "stats": {
             "records": dict(plan.records), "written": dict(written), "captions": dict(captions),
             "skipped": dict(skipped), "skipped_by_source": {s: dict(c) for s, c in by_source.items()},

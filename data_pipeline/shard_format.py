@@ -3,9 +3,10 @@
     NNNNNN.tar          WebDataset shard: KEY.jpg, KEY.txt (first caption), KEY.json (metadata);
                         image pairs (NLVR2) add KEY.right.jpg after KEY.jpg
     NNNNNN.idx          DALI index of the shard, the format of DALI's `wds2idx`
-    NNNNNN_stats.json   written after the two above: the shard is complete when this matches
+    NNNNNN.samples.npy  the shard's sample table: key, byte offset, size, caption count per sample
+    NNNNNN_stats.json   written after the three above: the shard is complete when this matches
     _job.json           inputs fingerprint + settings, written before any shard
-    manifest.json       written last: every shard, its samples and byte offsets, run statistics
+    manifest.json       written last: every shard (counts, sha256 of tar and table), run statistics
 
 Tar headers are deterministic (ustar, mtime 0, no owner), so the same inputs and settings
 give byte-identical shards: a resumed run ends with exactly the dataset a clean run makes.
@@ -20,7 +21,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
-FORMAT = "pixelbert-dist/webdataset-v1"
+# v2: the manifest lists shards only; each shard's samples are in its table (data_pipeline/sample_table.py).
+# v1 (samples inline in the manifest) is still read, and `python -m data_pipeline.upgrade` rewrites it as v2.
+FORMAT = "pixelbert-dist/webdataset-v2"
 MANIFEST = "manifest.json"
 JOB = "_job.json"
 TAR_BLOCK = 512
@@ -32,6 +35,10 @@ MEMBER_ORDER = ("jpg", "right.jpg", "txt", "json")
 # manifest announces: an image, caption or metadata member above this is a broken or hostile tar.
 MAX_MEMBER_BYTES = 64 << 20
 MAX_SAMPLE_BYTES = 4 * MAX_MEMBER_BYTES + 16 * TAR_BLOCK
+
+
+class ManifestError(ValueError):
+    """A manifest or sample table a reader must not trust: the message names it, the shard and the sample."""
 
 
 class ShardFormatError(ValueError):
@@ -55,8 +62,9 @@ def is_job_file(name: str) -> bool:
     """Files this job owns in an output location: at its top level only (a name relative to the
     location, as `Storage.list` gives it). Everything else, a subfolder's dataset included, is
     left alone."""
+    # .samples.npy: sample_table.table_name's suffix, spelled here because sample_table imports this module
     return "/" not in name and (name in (MANIFEST, JOB) or
-                                (name[:6].isdigit() and name[6:] in (".tar", ".idx", "_stats.json")))
+                                (name[:6].isdigit() and name[6:] in (".tar", ".idx", "_stats.json", ".samples.npy")))
 
 
 @dataclass
@@ -147,7 +155,8 @@ def read_samples(stream: BinaryIO,
 
 @dataclass
 class ShardResult:
-    """What a finished shard reports; stored as NNNNNN_stats.json and in the manifest."""
+    """What a finished shard reports; stored as NNNNNN_stats.json and in the manifest. Its samples
+    are in its table (NNNNNN.samples.npy), never here: the driver holds O(shards)."""
 
     index: int
     name: str
@@ -155,7 +164,9 @@ class ShardResult:
     num_samples: int
     bytes: int
     sha256: str
-    samples: list[dict]       # key, offset, size, captions (count) per sample, in tar order
+    num_captions: int         # pairs: the sum of the samples' caption counts
+    table_bytes: int
+    table_sha256: str
     records: dict[str, int]   # per source: records assigned to this shard
     written: dict[str, int]   # per source: samples written
     captions: dict[str, int]  # per source: captions written
@@ -178,7 +189,8 @@ class ShardResult:
 # manifest's location. The loader then reads only the listed byte ranges (`read_listed`), so
 # samples the index rejected, between or after good ones, are never parsed.
 
-INDEX_FORMAT = "pixelbert-dist/webdataset-index-v1"
+INDEX_FORMAT = "pixelbert-dist/webdataset-index-v2"
+V1_FORMATS = ("pixelbert-dist/webdataset-v1", "pixelbert-dist/webdataset-index-v1")
 IMG2DATASET = "img2dataset"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

@@ -12,6 +12,7 @@ it and otherwise named with a reason:
 
     unsafe_member     a member named `../x`, `/abs/x`, `.jpg` (no key), ... or a link, device or fifo
     duplicate_member  two members of one sample with the same extension
+    long_key          a key over MAX_KEY_BYTES bytes (UTF-8), more than a sample table holds
     too_large         a member or the sample over the loader's byte caps (read past, never held),
                       or an image header claiming more than `max_pixels`
     missing_image     no KEY.jpg|jpeg|png|webp
@@ -37,6 +38,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from data_pipeline.sample_table import MAX_KEY_BYTES
 from data_pipeline.storage import HashingStream, spool_dir
 from data_pipeline.shard_format import (IMAGE_EXTS, MAX_MEMBER_BYTES, MAX_SAMPLE_BYTES, TAR_BLOCK, Member,
                                         SampleEntry, caption_of, image_member, split_member, unsafe_member)
@@ -59,7 +61,7 @@ class _Group:
 
 @dataclass
 class TarIndex:
-    samples: list[dict]                 # key, offset, size, captions (1), width, height: manifest entries
+    samples: list[dict]                 # key, offset, size, captions (1), width, height: the table's rows
     entries: list[SampleEntry]          # the same samples with their members, for the DALI index
     skipped: list[dict]                 # key, reason, detail
     bytes: int
@@ -84,6 +86,9 @@ def index_stream(raw: BinaryIO, max_pixels: int) -> TarIndex:
         try:
             if current.bad:
                 raise _Skip(*current.bad)
+            if len(current.entry.key.encode()) > MAX_KEY_BYTES:
+                raise _Skip("long_key", f"a key of {len(current.entry.key.encode())} bytes, over the sample "
+                                        f"table's {MAX_KEY_BYTES}")
             if current.entry.size > MAX_SAMPLE_BYTES:
                 raise _Skip("too_large", f"the sample spans {current.entry.size} bytes, over the loader's cap of "
                                          f"{MAX_SAMPLE_BYTES}")

@@ -1,13 +1,19 @@
-"""Check a sharded dataset against its manifest; exit non-zero on any mismatch.
+"""Check a dataset against its manifest; exit non-zero on any mismatch.
 
-    python -m data_pipeline.verify data/synthetic-shards
-    python -m data_pipeline.verify s3://bucket/coco-vg
+    python -m data_pipeline.verify data/synthetic-shards        # written by data_pipeline.shard
+    python -m data_pipeline.verify s3://bucket/laion-index      # written by data_pipeline.index
 
-The manifest is checked first, by the loader's own check (pixelbert_dist/data/plan.py:
-read_manifest): a shard named `../x.tar` or `/abs/x.tar`, or a manifest cut short, is refused
-before any shard is opened. Then per shard: present, size, sha256, sample count, keys and byte
-offsets, the DALI index, and that every image (a pair's right one too) decodes. Shards are read
-as streams, several at a time.
+Either kind, in either format (v2: a sample table per shard; v1: samples inline), its tars
+beside the manifest or where an index's `url` says. The manifest is checked first, by the
+loader's own check (data_pipeline/dataset_manifest.py: read_manifest): a shard named `../x.tar`
+or `/abs/x.tar`, a url outside the roots it may point into, or a manifest cut short, is refused
+before any shard is opened. Then per shard: its sample table (read_table: sha256, and rows
+inside the shard, in order, within the caps; a damaged one is named by shard and sample); the
+tar present, its size and sha256; every listed sample's bytes, checked as the loader checks them
+(shard_format.sample_members: one tar run of its own key's plain files), its image (a pair's
+right one too) decodes, its captions are there (the sharding job's: as many as listed); the
+sharding job's tars hold nothing but their listed samples; the DALI index matches. Shards are
+read as streams, several at a time.
 """
 
 from __future__ import annotations
@@ -16,66 +22,167 @@ import argparse
 import io
 import os
 import sys
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from data_pipeline.shard_format import MANIFEST, dali_index, read_samples
+from data_pipeline.dataset_manifest import ManifestError, read_manifest, read_table
+from data_pipeline.sample_table import SampleTable
+from data_pipeline.shard_format import (IMG2DATASET, MANIFEST, Member, SampleEntry, ShardFormatError,
+                                        caption_of, dali_index, image_member, sample_metadata, sample_members,
+                                        split_member)
 from data_pipeline.storage import HashingStream, Storage, StorageError, open_storage
-from data_pipeline.dataset_manifest import ManifestError, read_manifest
+
+MAX_PROBLEMS = 20  # per shard: a tar that disagrees everywhere is named, not listed sample by sample
 
 
-def check_shard(storage: Storage, shard: dict) -> list[str]:
+def check_shard(storage: Storage, url: str, shard: dict) -> list[str]:
     """Problems found in one shard (empty when it is sound)."""
-    name = shard["name"]
-    if not storage.exists(name):
+    try:
+        table = read_table(storage, url, shard)
+    except ManifestError as err:  # names the shard and the sample
+        return [str(err)]
+    tar_store, stored_as = _tar_location(storage, shard)
+    name = shard.get("url") or shard["name"]
+    size = tar_store.size(stored_as)
+    if size is None:
         return [f"{name}: missing"]
-    problems = []
-    size = storage.size(name)
-    if size != shard["bytes"]:
-        problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']}")
+    problems = [] if size == shard["bytes"] else [f"{name}: {size} bytes, manifest says {shard['bytes']}"]
+    indexed = shard.get("layout") == IMG2DATASET
+    if not indexed:
+        problems += _unlisted_bytes(table, name)
     entries = []
     try:
-        with storage.open_read(name) as raw:
+        with tar_store.open_read(stored_as) as raw:
             reader = HashingStream(raw)
-            for entry, members in read_samples(io.BufferedReader(reader, 1 << 20)):
-                entries.append(entry)
-                for ext in ("jpg", "right.jpg") if "right.jpg" in members else ("jpg",):
-                    try:
-                        with Image.open(io.BytesIO(members.get(ext, b""))) as image:
-                            image.load()
-                    except Exception as err:  # any decoder failure is a finding, not a crash
-                        problems.append(f"{name}: image {entry.key}.{ext} does not decode: {err}")
+            stream, position = io.BufferedReader(reader, 1 << 20), 0
+            for sample in table.entries():
+                if len(problems) >= MAX_PROBLEMS:
+                    break
+                key, offset = sample["key"], sample["offset"]
+                where = f"{name}: sample {key!r} at offset {offset}"
+                _read(stream, offset - position)
+                chunk = _read(stream, sample["size"], keep=True)
+                position = offset + sample["size"]
+                try:
+                    members = sample_members(chunk, key, where, offset)
+                except ShardFormatError as err:
+                    problems.append(str(err))
+                    continue
+                entries.append(SampleEntry(key, offset, sample["size"], _members_at(chunk, offset)))
+                problems += _content_problems(members, where, sample["captions"], indexed)
             reader.drain()  # the tar's end padding counts in its hash
-    except Exception as err:
+    except EOFError:
+        return problems + [f"{name}: the tar ends before its listed samples do ({size} bytes)"]
+    except Exception as err:  # noqa: BLE001 - an unreadable tar is a finding, not a crash
         return problems + [f"{name}: unreadable tar: {err}"]
     if reader.digest.hexdigest() != shard["sha256"]:
         problems.append(f"{name}: sha256 {reader.digest.hexdigest()}, manifest says {shard['sha256']}")
-    if len(entries) != shard["num_samples"]:
-        problems.append(f"{name}: {len(entries)} samples, manifest says {shard['num_samples']}")
-    found = [e.to_manifest() for e in entries]
-    listed = [{k: s[k] for k in ("key", "offset", "size")} for s in shard["samples"]]
-    if found != listed and len(entries) == shard["num_samples"]:
-        problems.append(f"{name}: sample keys or offsets differ from the manifest")
-    try:
-        if storage.read_bytes(shard["index"]).decode() != dali_index(entries):
-            problems.append(f"{shard['index']}: DALI index does not match {name}")
-    except StorageError:
-        problems.append(f"{shard['index']}: missing")
+    if len(entries) == len(table):
+        try:
+            if storage.read_bytes(shard["index"]).decode() != dali_index(entries):
+                problems.append(f"{shard['index']}: DALI index does not match {name}")
+        except StorageError:
+            problems.append(f"{shard['index']}: missing")
+    return problems[:MAX_PROBLEMS] + ([f"{name}: more problems not listed"] if len(problems) > MAX_PROBLEMS else [])
+
+
+def _tar_location(storage: Storage, shard: dict) -> tuple[Storage, str]:
+    """Beside the manifest, or at the `url` an index elsewhere lists (read_manifest checked it)."""
+    if "url" not in shard:
+        return storage, shard["name"]
+    folder, _, base = shard["url"].rpartition("/")
+    return open_storage(folder or "/"), base
+
+
+def _unlisted_bytes(table: SampleTable, name: str) -> list[str]:
+    """The sharding job writes samples back to back from byte 0: bytes before or between its
+    listed samples are a sample the manifest does not know (an index's tars may hold skipped ones)."""
+    ends = [0] + (table.offsets + table.sizes).tolist()
+    for i, (end, offset) in enumerate(zip(ends, table.offsets.tolist())):
+        if offset != end:
+            return [f"{name}: bytes {end}..{offset} before sample {table.key(i)!r} are in no listed sample"]
+    return []
+
+
+def _read(stream: io.BufferedReader, size: int, keep: bool = False) -> bytes:
+    """`size` bytes, 1 MiB at a time (a tar shorter than listed costs no more); EOFError if it ends first."""
+    parts = []
+    while size > 0:
+        data = stream.read(min(size, 1 << 20))
+        if not data:
+            raise EOFError
+        size -= len(data)
+        if keep:
+            parts.append(data)
+    return b"".join(parts)
+
+
+def _members_at(chunk: bytes, offset: int) -> list[Member]:
+    """Where each member's data lies in the tar, as DALI's index lists it (sample_members checked the chunk)."""
+    with tarfile.open(fileobj=io.BytesIO(chunk), mode="r:") as tar:
+        return [Member(split_member(info.name)[1], offset + info.offset_data, info.size) for info in tar
+                if info.isfile()]
+
+
+def _content_problems(members: dict[str, bytes], where: str, captions: int, indexed: bool) -> list[str]:
+    """An indexed sample: its image decodes, it has a caption; the sharding job's: its image(s) decode
+    and its KEY.json holds the listed number of captions."""
+    problems = []
+    if indexed:
+        images = [image_member(members)]
+        try:
+            if caption_of(members) is None:
+                problems.append(f"{where}: no caption (KEY.txt or KEY.json's)")
+        except UnicodeDecodeError:
+            problems.append(f"{where}: its KEY.txt is not UTF-8")
+    else:
+        images = ["jpg", "right.jpg"] if "right.jpg" in members else ["jpg"]
+        try:
+            sample_metadata(members, where, captions)
+        except ShardFormatError as err:
+            problems.append(str(err))
+    for ext in images:
+        try:
+            with Image.open(io.BytesIO(members.get(ext) or b"")) as image:
+                image.load()
+        except Exception as err:  # noqa: BLE001 - any decoder failure is a finding, not a crash
+            problems.append(f"{where}: image {ext or '(none)'} does not decode: {err}")
     return problems
 
 
-def verify(url: str, workers: int | None = None) -> tuple[dict, list[str]]:
+def verify(url: str, workers: int | None = None, shard_roots: list[str] = ()) -> tuple[dict, list[str]]:
     storage = open_storage(url)
     try:
-        manifest = read_manifest(storage, url)
+        manifest = read_manifest(storage, url, shard_roots)
     except StorageError:
         return {}, [f"{url}: no {MANIFEST} (an unfinished or foreign dataset)"]
     except ManifestError as err:  # names the manifest and the shard; no shard was opened
         return {}, [str(err)]
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        problems = [p for found in pool.map(lambda s: check_shard(storage, s), manifest["shards"]) for p in found]
+        found = pool.map(lambda s: check_shard(storage, url, s), manifest["shards"])
+        problems = [p for shard_problems in found for p in shard_problems]
     return manifest, problems
+
+
+def summary(url: str, manifest: dict) -> list[str]:
+    """What the dataset holds and what its job left out, for either kind."""
+    stats = manifest.get("stats") if isinstance(manifest.get("stats"), dict) else {}  # not checked: read, not trusted
+    size = stats.get("bytes") if isinstance(stats.get("bytes"), int) else 0
+    lines = [f"{url}: {manifest.get('format', 'no format (v1)')}, {len(manifest['shards'])} shards, "
+             f"{manifest.get('num_samples')} samples, {manifest.get('num_captions')} captions, {size / 1e6:.1f} MB"]
+    skipped = stats.get("skipped") or "none"
+    if "written" in stats:  # the sharding job's
+        lines.append(f"  per source written: {stats['written']}; skipped at sharding: {skipped}")
+        return lines
+    lines.append(f"  skipped at indexing: {skipped}")
+    compressed = stats.get("compressed_tars") if isinstance(stats.get("compressed_tars"), dict) else {}
+    for label, tars in (("missing tars", stats.get("missing_tars")), ("truncated tars", stats.get("truncated_tars")),
+                        ("compressed tars not indexed", compressed.get("tars"))):
+        if isinstance(tars, list) and tars:
+            lines.append(f"  {label}: {len(tars)} ({', '.join(map(str, tars[:3]))}{', ...' * (len(tars) > 3)})")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,13 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("location", help="dataset folder or s3://bucket/prefix")
     parser.add_argument("--workers", type=int, default=None, help="shards checked at once")
+    parser.add_argument("--shard-root", action="append", default=[],
+                        help="a folder or s3:// prefix an index's tar urls may also point into (data.shard_roots)")
     args = parser.parse_args(argv)
-    manifest, problems = verify(args.location, args.workers)
+    manifest, problems = verify(args.location, args.workers, args.shard_root)
     if manifest:
-        stats = manifest["stats"]
-        print(f"{args.location}: {manifest['num_shards']} shards, {manifest['num_samples']} samples, "
-              f"{manifest['num_captions']} captions, {stats['bytes'] / 1e6:.1f} MB")
-        print(f"  per source written: {stats['written']}; skipped at sharding: {stats['skipped'] or 'none'}")
+        print("\n".join(summary(args.location, manifest)))
     for problem in problems:
         print(f"  MISMATCH {problem}")
     print("OK" if not problems else f"FAILED: {len(problems)} problem(s)")

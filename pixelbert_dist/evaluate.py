@@ -89,7 +89,7 @@ def read_pairs(manifest: Manifest, max_images: int = 0) -> list[Pair]:
     """Every pair of a (held-out) dataset, shard by shard; the first `max_images` images if > 0."""
     pairs: list[Pair] = []
     images: set[str] = set()
-    for shard in manifest.order:
+    for shard in manifest.shard_names():
         for pair in read_segment(manifest, Segment(shard, 0, manifest.num_pairs(shard))):
             if max_images and pair.key not in images and len(images) == max_images:
                 continue

@@ -1,11 +1,19 @@
-"""Test data the project makes itself: synthetic shapes, sharded by the real sharding job."""
+"""Test data the project makes itself: synthetic shapes, sharded by the real sharding job; a
+dataset turned back into the format v1 wrote; a sample table damaged where only its rows show it."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
+
 from data_pipeline import shard
+from data_pipeline.dataset_manifest import read_table
+from data_pipeline.sample_table import digest, table_name
+from data_pipeline.shard_format import INDEX_FORMAT, MANIFEST, V1_FORMATS
+from data_pipeline.storage import Storage
 from data_pipeline.synthetic import generate
 from pixelbert_dist.tokenizer import train_wordpiece
 
@@ -22,3 +30,40 @@ def synthetic_shards(root: Path, num_images: int, seed: int, shard_size: int,
     vocab = train_wordpiece([a["caption"] for a in json.loads(captions.read_text())["annotations"]], 150,
                             root / "vocab")
     return out, vocab
+
+
+def as_v1(storage: Storage) -> dict:
+    """Rewrite the dataset in `storage` as v1 code wrote it: every shard's samples inline in the
+    manifest (an index's skipped samples too, from its NAME_index.json), the v1 format, no
+    tables. The tars are not touched. Returns the v2 manifest it replaced."""
+    v2 = json.loads(storage.read_bytes(MANIFEST))
+    indexed = v2["format"] == INDEX_FORMAT
+    v1 = {**v2, "format": V1_FORMATS[1] if indexed else V1_FORMATS[0], "shards": []}
+    if not indexed:
+        v1["settings"] = {**v2["settings"], "format": V1_FORMATS[0]}
+    for entry in v2["shards"]:
+        samples = list(read_table(storage, storage.url, entry).entries())
+        old = {k: v for k, v in entry.items() if k not in ("table_bytes", "table_sha256", "skipped_counts")}
+        old["samples"] = samples
+        if indexed:
+            old["skipped"] = json.loads(storage.read_bytes(f"{entry['name'][:-4]}_index.json"))["skipped"]
+        v1["shards"].append(old)
+        storage.delete(table_name(entry["name"]))
+    storage.write_bytes(MANIFEST, json.dumps(v1, indent=1).encode())
+    return v2
+
+
+def shift_table_row(storage: Storage, shard_index: int, row: int, by: int) -> str:
+    """Move row `row`'s offset in the sample table of the manifest's shard #`shard_index` by `by`
+    bytes and list the new table's sha256 and size in the manifest, so that only the check of the
+    rows can catch it. Returns the row's key."""
+    manifest = json.loads(storage.read_bytes(MANIFEST))
+    entry = manifest["shards"][shard_index]
+    table = np.load(io.BytesIO(storage.read_bytes(table_name(entry["name"]))), allow_pickle=False)
+    table["offset"][row] = int(table["offset"][row]) + by
+    out = io.BytesIO()
+    np.save(out, table, allow_pickle=False)
+    storage.write_bytes(table_name(entry["name"]), out.getvalue())
+    entry.update(table_bytes=len(out.getvalue()), table_sha256=digest(out.getvalue()))
+    storage.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+    return table["key"][row].decode()

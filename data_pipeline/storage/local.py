@@ -86,6 +86,12 @@ class LocalStorage:
             return []
         return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
 
+    def sizes(self) -> dict[str, int]:
+        """Every file's size by name (as `list` names them)."""
+        if not self.root.is_dir():
+            return {}
+        return {str(p.relative_to(self.root)): p.stat().st_size for p in self.root.rglob("*") if p.is_file()}
+
     def remove_stale_temporaries(self) -> int:
         """Temporary files a killed writer of this folder's top level left behind, named as
         `_atomic` names them; never a finished file, never a file in a subfolder (another

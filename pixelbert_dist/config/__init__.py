@@ -17,6 +17,7 @@ from pixelbert_dist.config.schema import (
     DataConfig,
     DeepSpeedConfig,
     FinetuneConfig,
+    MixtureEntry,
     ModelConfig,
     OptimConfig,
     PretrainConfig,
@@ -26,7 +27,7 @@ from pixelbert_dist.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "FinetuneConfig", "ModelConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "FinetuneConfig", "MixtureEntry", "ModelConfig",
     "OptimConfig", "PretrainConfig", "TaskConfig", "TrackingConfig", "TrainConfig",
     "describe", "field_docs", "load_config", "main", "redact",
 ]

@@ -102,6 +102,8 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 continue
         raise wrong
+    if dataclasses.is_dataclass(tp):  # a list's items may be sections of their own (data.mixture)
+        return _build(tp, value, f"{name}.")
     if origin is list:
         if not isinstance(value, list):
             raise wrong

@@ -4,6 +4,7 @@ rules each value must follow in `__post_init__`."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -65,9 +66,26 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureEntry:
+    name: str
+    """The dataset's name in logs and metrics (letters, digits, '_', '-', '.')."""
+    manifest: str
+    """Folder or s3:// URL of its manifest.json."""
+    weight: float = 1.0
+    """Passes over it per epoch: 2 reads every pair twice; 0.25 a quarter of its shards, others next epoch."""
+
+    def __post_init__(self) -> None:
+        _require(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)),
+                 f"data.mixture: name {self.name!r} must be letters, digits, '_', '-' or '.'")
+        _require(self.weight >= 0, f"data.mixture: {self.name}'s weight must be >= 0, got {self.weight}")
+
+
+@dataclass
 class DataConfig:
     train_manifest: str = ""
     """Folder or s3:// URL of the training shards' manifest.json."""
+    mixture: list[MixtureEntry] = field(default_factory=list)
+    """Several datasets instead of train_manifest: [{name: coco-vg, manifest: URL, weight: 1}, ...]."""
     eval_manifest: str = ""
     """Held-out shards: zero-shot retrieval in pre-training, the task's evaluation in fine-tuning."""
     tokenizer: str = "bert-base-uncased"
@@ -96,6 +114,11 @@ class DataConfig:
     """Folders or s3:// prefixes an index manifest's tar urls may also lie in (another bucket, say)."""
 
     def __post_init__(self) -> None:
+        _require(not (self.train_manifest and self.mixture), "data: give train_manifest or mixture, not both")
+        names = [entry.name for entry in self.mixture]
+        _require(len(set(names)) == len(names), f"data.mixture: dataset names must differ, got {names}")
+        _require(not self.mixture or sum(entry.weight for entry in self.mixture) > 0,
+                 "data.mixture: at least one dataset needs a weight above 0")
         _require(self.max_text_len >= 3, f"data.max_text_len must be >= 3, got {self.max_text_len}")
         _require(0 < self.image_short_side <= self.image_long_side,
                  f"data.image_short_side ({self.image_short_side}) must be positive and at most "

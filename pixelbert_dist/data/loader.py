@@ -20,6 +20,7 @@ training process receives it while the model computes (prefetch.py).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pixelbert_dist.config import DataConfig
 from pixelbert_dist.data.batch import BatchBuilder
 from pixelbert_dist.data.decode import choose_decoder
+from pixelbert_dist.data.mixture import Mixture
 from pixelbert_dist.data.plan import Manifest, Segment, merge_ranges, remaining_segments, split_even
 from pixelbert_dist.data.prefetch import in_background
 from pixelbert_dist.data.stages import group_batches, make_batches, pipeline, plan_worker, read_pairs
@@ -86,7 +88,11 @@ class StreamingLoader:
         self.make_builder = make_builder
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers, self.open_shards = num_workers, open_shards
-        self.manifest = Manifest(manifest_url, cfg.captions_per_image, cfg.shard_roots)
+        # one dataset, or with no url and `data.mixture` set, several read as one (mixture.py)
+        self.manifest = (Mixture(cfg.mixture, cfg.captions_per_image, cfg.shard_roots, seed)
+                         if not manifest_url and cfg.mixture else
+                         Manifest(manifest_url, cfg.captions_per_image, cfg.shard_roots))
+        self.manifest_url = manifest_url or self.manifest.url
         self.image_decoder = choose_decoder(cfg, make_builder, batch_size)  # where images are decoded
         self.epoch = 0
         self.consumed: dict[str, list[list[int]]] = {}
@@ -99,6 +105,7 @@ class StreamingLoader:
         self.plan_step = 0  # batches handed out since the plan was made (the same on every rank)
         self.skipped = 0
         self.truncated = 0
+        self.pairs_by_dataset: Counter[str] = Counter()  # a mixture's pairs consumed, per dataset, since resume
 
     @property
     def decoder(self) -> str:
@@ -146,6 +153,9 @@ class StreamingLoader:
             # -> (batch, BatchInfo) as the model takes it: DALI's images decoded, their failures dropped
             for shard, ranges in info.consumed.items():
                 self.consumed[shard] = merge_ranges(self.consumed.get(shard, []) + ranges)
+                dataset = self.manifest.dataset_of(shard)
+                if dataset is not None:
+                    self.pairs_by_dataset[dataset] += sum(end - start for start, end in ranges)
             self.skipped += info.skipped
             self.truncated += info.truncated
             self.plan_step += 1
@@ -163,7 +173,7 @@ class StreamingLoader:
                 "captions_per_image": self.manifest.group}
 
     def load_state_dict(self, state: dict) -> None:
-        unknown = set(state["consumed"]) - set(self.manifest.shards)
+        unknown = [shard for shard in state["consumed"] if not self.manifest.knows(shard)]
         if unknown:
             raise ValueError(f"loader state names shards not in {self.manifest_url}: {sorted(unknown)[:3]}")
         group = state.get("captions_per_image", 1)

@@ -31,32 +31,36 @@ class WorkerPlan:
     """One global worker's part of the epoch and where it stands in it."""
 
     segments: list[Segment]
-    order: list[int]  # the segment of each successive pair (stream.interleave_order)
-    skip: int         # leading pairs of `order` already consumed: a resume replays the order past them
+    open_shards: int  # segments read at once, interleaved (stream.interleave_order)
+    skip: int         # leading pairs of the order already consumed: a resume replays the order past them
     tag: str          # seeds the order and every batch's targets
+
+    def order(self, manifest: Manifest) -> Iterator[int]:
+        """The segment of each successive pair, the same each time it is asked for."""
+        return interleave_order(manifest, self.segments, self.open_shards, random.Random(self.tag))
 
 
 def plan_worker(manifest: Manifest, parts: list[list[Segment]], plan_tag: str, global_worker: int,
                 open_shards: int, consumed: dict[str, list[list[int]]]) -> WorkerPlan:
-    segments = parts[global_worker]
-    tag = f"{plan_tag}-{global_worker}"
-    order = interleave_order(manifest, segments, open_shards, random.Random(tag))
-    return WorkerPlan(segments, order, consumed_prefix(segments, order, consumed), tag)
+    plan = WorkerPlan(parts[global_worker], open_shards, 0, f"{plan_tag}-{global_worker}")
+    skip = consumed_prefix(plan.segments, plan.order(manifest), consumed)
+    return WorkerPlan(plan.segments, open_shards, skip, plan.tag)
 
 
-def consumed_prefix(segments: list[Segment], order: list[int], consumed: dict[str, list[list[int]]]) -> int:
+def consumed_prefix(segments: list[Segment], order: Iterable[int], consumed: dict[str, list[list[int]]]) -> int:
     """How many leading pairs of a worker's order are already consumed (a worker uses a prefix)."""
-    position = [s.start for s in segments]
-    for count, segment in enumerate(order):
+    position, count = [s.start for s in segments], 0
+    for segment in order:
         shard, index = segments[segment].shard, position[segment]
         if not any(start <= index < end for start, end in consumed.get(shard, [])):
             return count
         position[segment] += 1
-    return len(order)
+        count += 1
+    return count
 
 
 def read_pairs(manifest: Manifest, plan: WorkerPlan) -> Iterator[Pair]:
-    return interleave(manifest, plan.segments, plan.order, plan.skip)
+    return interleave(manifest, plan.segments, plan.order(manifest), plan.skip)
 
 
 @dataclass

@@ -32,16 +32,15 @@ class Pair:
 def read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:
     """Pairs [start, end) of a shard, in the shard's pair order (windows dealt round-robin)."""
     first_sample, position = manifest.locate(segment.shard, segment.start)
-    shard = manifest.shards[segment.shard]
-    listed = shard["samples"]
-    offset = listed[first_sample]["offset"]
-    indexed = shard.get("layout") == IMG2DATASET  # an existing tar: only the samples listed are read
+    table = manifest.table(segment.shard)
+    offset = int(table.offsets[first_sample])
+    indexed = manifest.entry(segment.shard).get("layout") == IMG2DATASET  # an existing tar: only listed samples
     pair = segment.start
     with manifest.open_shard(segment.shard, offset) as stream:
-        samples = read_listed(stream, itertools.islice(listed, first_sample, None), offset)
+        samples = read_listed(stream, table.entries(first_sample), offset)
         while pair < segment.end:
             counts = manifest.window_counts(segment.shard, first_sample)
-            decoded = [_unpack(listed[first_sample + i], next(samples), indexed, segment.shard)
+            decoded = [_unpack(table.entry(first_sample + i), next(samples), indexed, segment.shard)
                        for i in range(len(counts))]
             for sample, caption in round_robin(counts, manifest.group)[position:]:
                 if pair >= segment.end:
@@ -71,32 +70,36 @@ def _unpack(entry: dict, members: dict[str, bytes], indexed: bool, shard: str) -
 
 
 def interleave_order(manifest: Manifest, segments: list[Segment], open_count: int,
-                     rng: random.Random) -> list[int]:
+                     rng: random.Random) -> Iterator[int]:
     """Which segment each successive pair comes from: up to `open_count` open at a time, the
-    next run (one image's consecutive pairs) drawn at random. Computed from the manifest
-    without I/O, so a resumed worker can replay it."""
-    runs = [manifest.runs(s)[::-1] for s in segments]  # popped from the end
-    pending, open_ = list(range(len(segments))), []
-    order: list[int] = []
-    while pending or open_:
-        while pending and len(open_) < open_count:
-            open_.append(pending.pop(0))
+    next run (one image's consecutive pairs) drawn at random. Made as it is consumed, from the
+    segments' lengths (or, with grouped captions, their tables' runs, read as each segment
+    opens): a resumed worker replays it, and no list of the worker's pairs is ever held."""
+    pending, open_ = iter(range(len(segments))), []
+    runs: dict[int, Iterator[int]] = {}
+    while True:
+        while len(open_) < open_count and (segment := next(pending, None)) is not None:
+            open_.append(segment)
+            runs[segment] = manifest.runs(segments[segment])
+        if not open_:
+            return
         slot = rng.randrange(len(open_))
         segment = open_[slot]
-        if not runs[segment]:
+        length = next(runs[segment], None)
+        if length is None:
             open_.pop(slot)
+            del runs[segment]
             continue
-        order.extend([segment] * runs[segment].pop())
-    return order
+        yield from itertools.repeat(segment, length)
 
 
-def interleave(manifest: Manifest, segments: list[Segment], order: list[int], skip: int) -> Iterator[Pair]:
-    """The pairs of `order[skip:]`, each segment read as one sequential stream."""
+def interleave(manifest: Manifest, segments: list[Segment], order: Iterator[int], skip: int) -> Iterator[Pair]:
+    """The pairs of the order after its first `skip`, each segment read as one sequential stream."""
     starts = [s.start for s in segments]
-    for segment in order[:skip]:
+    for segment in itertools.islice(order, skip):
         starts[segment] += 1
     streams: dict[int, Iterator[Pair]] = {}
-    for segment in order[skip:]:
+    for segment in order:
         if segment not in streams:
             piece = segments[segment]
             streams[segment] = read_segment(manifest, Segment(piece.shard, starts[segment], piece.end))

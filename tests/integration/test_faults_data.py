@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.shard_format import MANIFEST, ShardFormatError, read_samples
+from data_pipeline.sample_table import digest, encode_table, table_name
+from data_pipeline.shard_format import MANIFEST, ShardFormatError, read_samples, unsafe_member
 from data_pipeline.storage import StorageError
 from pixelbert_dist.config import load_config
 from pixelbert_dist.data.loader import StreamingLoader
@@ -40,9 +41,30 @@ def dataset(tmp_path_factory, ray_local):
 
 
 def _copy(dataset, tmp_path) -> tuple[Path, dict]:
+    """A copy of the dataset and its manifest, each shard's sample table read into the entry's
+    `samples` (as a v1 manifest held them) so a test can edit them; `_save` writes them back."""
     copy = tmp_path / "shards"
     shutil.copytree(dataset[0], copy)
-    return copy, json.loads((copy / MANIFEST).read_text())
+    manifest = json.loads((copy / MANIFEST).read_text())
+    for entry in manifest["shards"]:
+        table = Manifest(str(copy)).table(entry["name"])
+        entry["samples"] = [table.entry(i) for i in range(len(table))]
+    return copy, manifest
+
+
+def _save(copy: Path, manifest: dict) -> None:
+    """The manifest with each shard's (edited) samples as its table, sha256 and counts updated to
+    match: only the checks of the rows themselves can catch an edit."""
+    manifest = json.loads(json.dumps(manifest))
+    for entry in manifest["shards"]:
+        samples = entry.pop("samples")
+        if unsafe_member(entry["name"]) or ":" in entry["name"]:
+            continue  # a hostile name: refused before any table is looked for
+        table = encode_table(samples)
+        (copy / table_name(entry["name"])).write_bytes(table)
+        entry.update(num_samples=len(samples), num_captions=sum(s["captions"] for s in samples),
+                     table_bytes=len(table), table_sha256=digest(table))
+    (copy / MANIFEST).write_text(json.dumps(manifest))
 
 
 def _members(path: Path) -> dict[str, int]:
@@ -165,7 +187,7 @@ def test_shard_bytes_that_disagree_with_the_manifest(dataset, tmp_path, fault):
     else:  # the manifest's offset lands inside the JPEG's data, block-aligned
         sample["offset"] += 1024
         sample["size"] -= 1024
-        (copy / MANIFEST).write_text(json.dumps(manifest))
+        _save(copy, manifest)
         done = "the manifest's offset of one sample moved 1024 bytes into its JPEG data"
     url = str(copy)
     checksum_error = None
@@ -210,7 +232,7 @@ def _keys_of(url: str, pairs) -> list[str]:
         from pixelbert_dist.data.plan import round_robin
         first, position = manifest.locate(shard_name, index)
         sample, _ = round_robin(manifest.window_counts(shard_name, first))[position]
-        keys.append(manifest.shards[shard_name]["samples"][first + sample]["key"])
+        keys.append(manifest.table(shard_name).key(first + sample))
     return keys
 
 
@@ -311,8 +333,8 @@ def _hostile(manifest: dict, outside: Path, fault: str) -> tuple[str, str]:
     elif fault == "unaligned":
         sample["offset"] += 1
     elif fault == "many_captions":
-        sample["captions"] = 10 ** 9
-        return f"sample {sample['key']} lists 10**9 captions", f"shard {name!r}: sample {sample['key']!r} lists"
+        sample["captions"] = 60_000  # a table's column holds up to 65,535
+        return f"sample {sample['key']} lists 60,000 captions", f"shard {name!r}: sample {sample['key']!r} lists"
     return f"sample {sample['key']}: {fault} ({sample['offset']}, {sample['size']} bytes)", \
         f"shard {name!r}: sample {sample['key']!r} at offset {sample['offset']}"
 
@@ -326,20 +348,24 @@ def test_a_manifest_that_points_outside_its_dataset_or_lies_about_offsets_is_ref
     outside = tmp_path / "other" / "000001.tar"
     shutil.copy(copy / "000001.tar", outside)  # it would read fine: only the name is wrong
     done, expected_text = _hostile(manifest, outside, fault)
-    (copy / MANIFEST).write_text(json.dumps(manifest))
+    _save(copy, manifest)
     started = time.time()
-    try:
-        StreamingLoader(str(copy), dataset[1].data, 4, num_workers=2, seed=1)
+    try:  # names and urls are refused when the manifest is read; a sample when its shard's table is
+        loader = StreamingLoader(str(copy), dataset[1].data, 4, num_workers=0, seed=1)
+        for _ in loader.epoch_batches():
+            pass
         error = None
     except Exception as err:  # noqa: BLE001
         error = err
     seconds = time.time() - started
-    _conclude(dict(fault=f"hostile manifest ({fault})", what_was_done=done,
-                   expected="ManifestError naming the manifest, shard and sample before any shard is opened",
+    in_table = "sample" in expected_text
+    named = f"{copy}/{table_name(manifest['shards'][1]['name'])}" if in_table else f"{copy}/{MANIFEST}"
+    _conclude(dict(fault=f"hostile {'sample table' if in_table else 'manifest'} ({fault})", what_was_done=done,
+                   expected="ManifestError naming the manifest (or the shard's sample table), shard and sample, "
+                            "before the shard's bytes are read",
                    pairs_lost=0, pairs_repeated=0, recovery_s=round(seconds, 2)), {
         "a ManifestError": isinstance(error, ManifestError),
-        "names manifest, shard, sample": error is not None and expected_text in str(error)
-        and f"{copy}/{MANIFEST}" in str(error),
+        "names the file, shard, sample": error is not None and expected_text in str(error) and named in str(error),
     })
 
 
@@ -383,3 +409,30 @@ def test_a_sample_whose_json_is_broken_is_named_by_the_loader(dataset, tmp_path)
                       expected="an error naming shard and key", pairs_lost=0,
                       pairs_repeated=len(pairs) - len(set(pairs)), recovery_s=round(seconds, 2), passed=ok))
     assert ok, error
+
+
+@pytest.mark.parametrize("damage", ["changed", "missing", "cut_short"])
+def test_a_sample_table_that_changed_or_vanished_after_the_manifest_is_named(dataset, tmp_path, damage):
+    copy, manifest = _copy(dataset, tmp_path)
+    name = manifest["shards"][2]["name"]
+    table = copy / table_name(name)
+    data = table.read_bytes()
+    if damage == "changed":  # one offset byte flipped; the manifest's sha256 still names the old table
+        table.write_bytes(data[:-20] + bytes([data[-20] ^ 1]) + data[-19:])
+    elif damage == "missing":
+        table.unlink()
+    else:
+        table.write_bytes(data[:len(data) // 2])
+    try:
+        loader = StreamingLoader(str(copy), dataset[1].data, 4, num_workers=0, seed=1)
+        for _ in loader.epoch_batches():
+            pass
+        error = None
+    except Exception as err:  # noqa: BLE001
+        error = err
+    _conclude(dict(fault=f"sample table {damage} after the manifest was written",
+                   what_was_done=f"{table_name(name)}: {damage}", expected="ManifestError naming the table and shard",
+                   pairs_lost=0, pairs_repeated=0, recovery_s=None), {
+        "a ManifestError": isinstance(error, ManifestError),
+        "names table and shard": error is not None and f"{copy}/{table_name(name)}: shard {name!r}" in str(error),
+    })

@@ -21,6 +21,7 @@ from PIL import Image
 
 from data_pipeline import verify
 from data_pipeline.index import write_manifest
+from data_pipeline.sample_table import digest, encode_table, table_name
 from data_pipeline.shard_format import (INDEX_FORMAT, MANIFEST, MAX_MEMBER_BYTES, ShardFormatError, ShardWriter,
                                         dali_index)
 from data_pipeline.storage import open_storage, s3_client, sha256_of
@@ -145,14 +146,15 @@ def indexed(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     child = json.loads(done.stdout.splitlines()[-1])
     manifest = write_manifest(open_storage(str(out)), [child["result"]], False, [str(tars)], 10**8, 0.0)
+    result = json.loads((out / "hostile_index.json").read_text())  # every skipped sample named: per tar
     return {"root": root, "tars": tars, "out": out, "rise": child["rise"], "manifest": manifest,
-            "skipped": {s["key"]: s for s in child["result"]["skipped"]}}
+            "skipped": {s["key"]: s for s in result["skipped"]}}
 
 
 def _pairs(url: str) -> dict[str, tuple[str, int]]:
     """key -> (caption, image bytes) of every pair the loader reads from the dataset."""
     manifest = Manifest(url)
-    return {p.key: (p.caption, len(p.jpeg)) for shard in manifest.order
+    return {p.key: (p.caption, len(p.jpeg)) for shard in manifest.shard_names()
             for p in read_segment(manifest, Segment(shard, 0, manifest.num_pairs(shard)))}
 
 
@@ -196,8 +198,10 @@ def test_unparseable_json_is_a_counted_skip_never_a_crash(indexed, tmp_path):
         members = [m for m in tar.getmembers() if m.name.startswith("deep.")]
     end = members[-1].offset_data + -(-members[-1].size // 512) * 512
     tampered = json.loads(json.dumps(indexed["manifest"]))
-    tampered["shards"][0]["samples"] = [{"key": "deep", "offset": members[0].offset,
-                                         "size": end - members[0].offset, "captions": 1}]
+    table = encode_table([{"key": "deep", "offset": members[0].offset, "size": end - members[0].offset,
+                           "captions": 1}])
+    tampered["shards"][0].update(num_samples=1, num_captions=1, table_bytes=len(table), table_sha256=digest(table))
+    (tmp_path / table_name(tampered["shards"][0]["name"])).write_bytes(table)
     (tmp_path / MANIFEST).write_text(json.dumps(tampered))
     try:
         _pairs(str(tmp_path))
@@ -261,7 +265,7 @@ def _index_manifest(sources: list[str], shards: list[tuple[str, str]]) -> dict:
     size = os.path.getsize("/etc/passwd")
     return {"format": INDEX_FORMAT, "sources": sources, "shards": [
         {"name": name, "url": link, "layout": "img2dataset", "index": "x.idx", "bytes": size, "num_samples": 1,
-         "samples": [{"key": "k", "offset": 0, "size": 512, "captions": 1}]} for name, link in shards]}
+         "num_captions": 1, "table_bytes": 128, "table_sha256": "0" * 64} for name, link in shards]}
 
 
 HOSTILE_URLS = {"absolute": "/etc/passwd", "file-url": "file:///etc/passwd", "other-bucket": "s3://other-bucket/passwd",

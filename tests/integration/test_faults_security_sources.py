@@ -248,9 +248,10 @@ def test_overwrite_deletes_only_the_jobs_top_level_files(tmp_path, where, reques
         url = str(tmp_path / "data")
     storage = open_storage(url)
     old_job = {n: f"old {n}".encode() for n in ("000000.tar", "000000.idx", "000000_stats.json", "000001.tar",
-                                                 MANIFEST)}
+                                                 "000001.samples.npy", MANIFEST)}
     old_job[JOB] = json.dumps({"fingerprint": "an older job's", "settings": {}}).encode()
-    theirs = {"other-dataset/000000.tar": b"their shard", "other-dataset/manifest.json": b"{}",
+    theirs = {"other-dataset/000000.tar": b"their shard", "other-dataset/000000.samples.npy": b"their table",
+              "other-dataset/manifest.json": b"{}",
               "other-dataset/_job.json": b"{}", "sub/.tmp-draft.txt": b"a user's draft",
               ".tmp-draft.txt": b"a user's draft at the top", "notes.txt": b"notes"}
     for name, data in {**old_job, **theirs}.items():
@@ -273,16 +274,17 @@ def test_overwrite_deletes_only_the_jobs_top_level_files(tmp_path, where, reques
     names = set(storage.list())
     survived = {n: storage.read_bytes(n) for n in theirs if n in names}
     replaced = all(storage.read_bytes(n) != old_job[n] for n in ("000000.tar", MANIFEST, JOB))
-    ok = (survived == theirs and "000001.tar" not in names and replaced and stale not in names)
+    ok = (survived == theirs and not {"000001.tar", "000001.samples.npy"} & names and replaced and stale not in names)
     record_fault({"section": "security", "fault": f"--overwrite deleting other datasets ({where})",
                   "what_was_done": f"shard --overwrite into {'a folder' if where == 'local' else 's3://bucket/data'} "
-                                   "holding an old job's files plus other-dataset/{000000.tar,manifest.json,_job.json}, "
+                                   "holding an old job's files (a sample table among them) plus "
+                                   "other-dataset/{000000.tar,000000.samples.npy,manifest.json,_job.json}, "
                                    "sub/.tmp-draft.txt, a top-level .tmp-draft.txt and notes.txt",
                   "expected": "the old job's top-level files replaced or deleted (and its stale .tmp-<uuid>-* "
                               "temporary); every other file survives byte-identical",
                   "pairs_lost": None, "pairs_repeated": None, "recovery_s": None, "passed": ok})
     assert survived == theirs, f"lost: {sorted(set(theirs) - set(survived))}"
-    assert "000001.tar" not in names and stale not in names
+    assert not {"000001.tar", "000001.samples.npy"} & names and stale not in names  # its table too
     assert replaced
 
 

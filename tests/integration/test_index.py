@@ -10,15 +10,17 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline import index
+from data_pipeline import index, upgrade, verify
+from data_pipeline.dataset_manifest import read_table
 from data_pipeline.shard_format import FORMAT, MANIFEST
-from data_pipeline.storage import s3_client
+from data_pipeline.storage import open_storage, s3_client
 from data_pipeline.synthetic import generate
 from pixelbert_dist.config import load_config
 from pixelbert_dist.data.loader import StreamingLoader
 from pixelbert_dist.data.plan import Manifest
 from pixelbert_dist.tokenizer import train_wordpiece
 from tests.conftest import TINY
+from tests.datasets import as_v1, shift_table_row
 
 PER_TAR = 8
 
@@ -124,7 +126,7 @@ def _epoch_pairs(url: str, cfg, workers: int = 1) -> list[tuple[str, str]]:
     captions = {}
     from pixelbert_dist.data.stream import read_segment
     from pixelbert_dist.data.plan import Segment
-    for shard in manifest.order:
+    for shard in manifest.shard_names():
         for p in read_segment(manifest, Segment(shard, 0, manifest.num_pairs(shard))):
             captions[p.key] = p.caption
     return [(key, captions[key]) for key, _, _ in out]
@@ -142,10 +144,10 @@ def test_indexed_in_place_the_loader_yields_every_pair_once_and_the_tars_are_unt
     after = _files(folder)
     assert {n: h for n, h in after.items() if n in before} == before  # tars and img2dataset's files unchanged
     assert sorted(set(after) - set(before)) == sorted(
-        [MANIFEST] + [f"0000{i}{suffix}" for i in range(3) for suffix in (".idx", "_index.json")])
+        [MANIFEST] + [f"0000{i}{suffix}" for i in range(3) for suffix in (".idx", ".samples.npy", "_index.json")])
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["num_samples"] == len(data["good"]) and manifest["stats"]["skipped"] == {}
-    assert all("url" not in s and s["layout"] == "img2dataset" for s in manifest["shards"])
+    assert all("url" not in s and s["layout"] == "img2dataset" and "samples" not in s for s in manifest["shards"])
     # the DALI index lists every member where it is
     idx = (folder / "00000.idx").read_text().splitlines()
     assert idx[0] == f"v1.2 {PER_TAR}" and idx[1].startswith("jpg ") and "000000000.txt" in idx[1]
@@ -181,11 +183,15 @@ def test_bad_samples_are_counted_named_and_never_trained_on(data, tmp_path):
     out = tmp_path / "out"
     assert index.main([str(folder), "--out", str(out), "--no-progress"]) == 0
     assert _files(data["root"]) == before  # nothing written beside the tars or anywhere else...
-    assert sorted(_files(out)) == sorted([MANIFEST, "bad.idx", "bad_index.json", "cut.idx", "cut_index.json"])
+    assert sorted(_files(out)) == sorted([MANIFEST] + [f"{name}{suffix}" for name in ("bad", "cut")
+                                                       for suffix in (".idx", ".samples.npy", "_index.json")])
     assert not (tmp_path / "escape.jpg").exists() and not (data["root"] / "escape.jpg").exists()
     manifest = json.loads((out / MANIFEST).read_text())
-    named = {s["key"]: s["reason"] for shard in manifest["shards"] for s in shard["skipped"]}
+    # every skipped sample named in its tar's result; the manifest holds counts and a few examples
+    named = {s["key"]: s["reason"] for name in ("bad", "cut")
+             for s in json.loads((out / f"{name}_index.json").read_text())["skipped"]}
     assert named == data["bad_expected"]
+    assert sum(sum(s["skipped_counts"].values()) for s in manifest["shards"]) == len(named)
     counts = {}
     for reason in data["bad_expected"].values():
         counts[reason] = counts.get(reason, 0) + 1
@@ -208,6 +214,20 @@ def test_a_rerun_reads_no_tar_again_and_a_changed_tar_is_read_anew(data, tmp_pat
     assert (second["stats"]["tars_read"], second["stats"]["tars_reused"]) == (0, 3)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*_index.json")} == results
     assert second["shards"] == first["shards"]
+    # a result an earlier version wrote (its samples listed, no table) is completed, the tar not read again
+    table = out / "00001.samples.npy"
+    written = table.read_bytes()
+    result = json.loads((out / "00001_index.json").read_text())
+    shard = next(s for s in first["shards"] if s["name"] == "00001.tar")
+    result["samples"] = list(read_table(open_storage(str(out)), str(out), shard).entries())
+    for key in ("num_captions", "table_bytes", "table_sha256"):
+        del result[key]
+    (out / "00001_index.json").write_text(json.dumps(result))
+    table.unlink()
+    assert index.main([f"{folder}/{{00000..00002}}.tar", "--out", str(out), "--no-progress"]) == 0
+    third = json.loads((out / MANIFEST).read_text())
+    assert (third["stats"]["tars_read"], third["shards"], table.read_bytes()) == (0, first["shards"], written)
+    assert "samples" not in json.loads((out / "00001_index.json").read_text())
     # a tar replaced by a different one (another size) is indexed again, alone
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -229,12 +249,71 @@ def test_a_dataset_the_sharding_job_wrote_is_not_overwritten(tmp_path, data):
     assert json.loads((out / MANIFEST).read_text())["format"] == FORMAT
 
 
+def test_verify_reads_an_index_with_its_tars_elsewhere_and_names_a_damaged_table(data, tmp_path, capsys):
+    folder, out = data["root"] / "img2dataset", tmp_path / "index"
+    assert index.main([str(folder), "--out", str(out), "--no-progress"]) == 0
+    assert all(s["url"].startswith(f"{folder}/") for s in json.loads((out / MANIFEST).read_text())["shards"])
+    assert verify.main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "OK" in printed and "skipped at indexing: none" in printed
+    # sample #3 of 00001.tar moved back into #2; the manifest's table sha256 updated, so only the rows show it
+    key = shift_table_row(open_storage(str(out)), 1, 3, -512)
+    assert verify.main([str(out)]) == 1
+    printed = capsys.readouterr().out
+    [damaged] = [line for line in printed.splitlines() if "MISMATCH" in line]
+    assert "shard '00001.tar'" in damaged and f"sample {key!r}" in damaged and "row 3" in damaged, printed
+
+
+def test_a_compressed_tar_is_counted_and_named_with_why_and_what_to_do(data, tmp_path, caplog):
+    import gzip
+    folder, out = tmp_path / "mixed", tmp_path / "index"
+    folder.mkdir()
+    raw = (data["root"] / "img2dataset" / "00000.tar").read_bytes()
+    (folder / "00000.tar").write_bytes(raw)
+    (folder / "00001.tar.gz").write_bytes(gzip.compress(raw))
+    (folder / "00002.tgz").write_bytes(gzip.compress(raw))
+    assert index.main([str(folder), "--out", str(out), "--no-progress"]) == 0
+    compressed = json.loads((out / MANIFEST).read_text())["stats"]["compressed_tars"]
+    assert compressed["count"] == 2 and compressed["tars"] == [f"{folder}/00001.tar.gz", f"{folder}/00002.tgz"]
+    assert "byte offset" in compressed["why"] and "decompress" in compressed["what_to_do"]
+    assert "data_pipeline.shard" in compressed["what_to_do"]
+    summary = caplog.records[-1].getMessage()
+    assert caplog.records[-1].levelname == "WARNING" and "2 compressed tar(s) not indexed" in summary
+    assert f"{folder}/00001.tar.gz" in summary and "byte offset" in summary and "decompress" in summary
+    # only compressed tars: refused before anything is read or written, named the same way
+    (folder / "00000.tar").unlink()
+    caplog.clear()
+    assert index.main([str(folder), "--out", str(tmp_path / "none"), "--no-progress"]) == 2
+    assert "no .tar files to index: 2 compressed tar(s)" in caplog.text and "decompress" in caplog.text
+    assert not (tmp_path / "none" / MANIFEST).exists()
+
+
+def test_a_v1_index_on_s3_is_upgraded_in_place_and_its_tars_are_untouched(data, bucket, capsys):
+    client = s3_client()
+    for tar in sorted((data["root"] / "img2dataset").glob("0000?.tar")):
+        client.upload_file(str(tar), bucket, f"laion/{tar.name}")
+    url = f"s3://{bucket}/index"
+    assert index.main([f"s3://{bucket}/laion", "--out", url, "--no-progress"]) == 0
+    v2 = as_v1(open_storage(url))
+    tars = {o["Key"]: (o["ETag"], o["LastModified"]) for o in client.list_objects_v2(
+        Bucket=bucket, Prefix="laion/")["Contents"]}
+    assert verify.main([url]) == 0  # v1 still reads
+    assert upgrade.main([url]) == 0 and "upgraded from pixelbert-dist/webdataset-index-v1" in capsys.readouterr().out
+    upgraded = json.loads(client.get_object(Bucket=bucket, Key=f"index/{MANIFEST}")["Body"].read())
+    assert upgraded["shards"] == v2["shards"] and upgraded["format"] == v2["format"]  # urls, counts, tables
+    assert verify.main([url]) == 0
+    assert upgrade.main([url]) == 0 and "already" in capsys.readouterr().out
+    assert {o["Key"]: (o["ETag"], o["LastModified"]) for o in client.list_objects_v2(
+        Bucket=bucket, Prefix="laion/")["Contents"]} == tars
+
+
 def test_expanding_inputs(tmp_path):
     (tmp_path / "a").mkdir()
-    for name in ("a/00000.tar", "a/00001.tar", "a/00000_stats.json"):
+    for name in ("a/00000.tar", "a/00001.tar", "a/00000_stats.json", "a/00003.tar.gz", "a/00004.tgz"):
         (tmp_path / name).write_bytes(b"")
-    tars = index.expand_inputs([str(tmp_path / "a"), f"{tmp_path}/a/{{00001..00002}}.tar"])
+    tars, compressed = index.expand_inputs([str(tmp_path / "a"), f"{tmp_path}/a/{{00001..00002}}.tar"])
     assert tars == [f"{tmp_path}/a/00000.tar", f"{tmp_path}/a/00001.tar", f"{tmp_path}/a/00002.tar"]
+    assert compressed == [f"{tmp_path}/a/00003.tar.gz", f"{tmp_path}/a/00004.tgz"]
     assert index.common_folder(tars) == f"{tmp_path}/a"
     assert index.common_folder(["s3://b/x/1/0.tar", "s3://b/x/2/0.tar"]) == "s3://b/x"
     with pytest.raises(Exception, match="share no folder"):
@@ -259,6 +338,21 @@ def test_a_tar_cut_anywhere_in_its_last_sample_loses_that_sample_only(data, cut)
     assert result.sha256 == hashlib.sha256(whole[:end + cut]).hexdigest()
     complete = index_stream(io.BytesIO(whole), 10**8)
     assert len(complete.samples) == 3 and not complete.skipped and not complete.truncated
+
+
+def test_a_key_longer_than_a_sample_table_holds_is_skipped_by_name(data):
+    from data_pipeline.sample_table import MAX_KEY_BYTES
+    from data_pipeline.tar_index import index_stream
+    (jpeg, caption), = _images(data["root"] / "long-key", 1)
+    long_key = "k" * (MAX_KEY_BYTES + 1)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:  # pax: names past 100 bytes
+        for key in ("short", long_key):
+            _member(tar, f"{key}.jpg", jpeg)
+            _member(tar, f"{key}.txt", caption.encode())
+    result = index_stream(io.BytesIO(buffer.getvalue()), 10**8)
+    assert [s["key"] for s in result.samples] == ["short"]
+    assert [(s["key"], s["reason"]) for s in result.skipped] == [(long_key, "long_key")]
 
 
 def _losses(workdir: Path) -> list[float]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_pipeline.sample_table import digest, encode_table, table_name
 from data_pipeline.shard_format import MANIFEST, ShardWriter
 from data_pipeline.storage import StorageError, s3_client
 from pixelbert_dist.config import load_config
@@ -65,7 +66,7 @@ def test_an_epoch_reads_each_pair_at_most_once_and_drops_less_than_a_batch_per_w
                 first, position = manifest.locate(shard_name, index)
                 from pixelbert_dist.data.plan import round_robin
                 sample, _ = round_robin(manifest.window_counts(shard_name, first))[position]
-                assert manifest.shards[shard_name]["samples"][first + sample]["key"] == key
+                assert manifest.table(shard_name).key(first + sample) == key
 
 
 def test_batches_mix_images_and_follow_the_resize_rule(dataset):
@@ -205,9 +206,11 @@ def test_a_corrupt_image_mid_stream_is_skipped_counted_and_consumed(dataset, tmp
         writer.write(sample.key, {**members, "jpg": b"\xff\xd8 not a jpeg" if i == 1 else members["jpg"]})
     writer.close()
     (broken / entry["name"]).write_bytes(buffer.getvalue())
-    for listed, written in zip(entry["samples"], writer.samples):
-        listed.update(offset=written.offset, size=written.size)
-    entry["bytes"] = len(buffer.getvalue())
+    listed = Manifest(str(url)).table(entry["name"])
+    table = encode_table([{**listed.entry(i), "offset": written.offset, "size": written.size}
+                          for i, written in enumerate(writer.samples)])
+    (broken / table_name(entry["name"])).write_bytes(table)
+    entry.update(bytes=len(buffer.getvalue()), table_bytes=len(table), table_sha256=digest(table))
     (broken / MANIFEST).write_text(json.dumps(manifest))
     bad_key = samples[1][0].key
     steps, state = _run(broken, cfg, world=1, workers=1)

@@ -12,17 +12,23 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline import shard, verify
-from data_pipeline.shard_format import MANIFEST
-from data_pipeline.storage import s3_client
+from data_pipeline import shard, upgrade, verify
+from data_pipeline.dataset_manifest import read_table
+from data_pipeline.images import ImageSettings
+from data_pipeline.sample_table import table_name
+from data_pipeline.shard_format import MANIFEST, is_job_file
+from data_pipeline.storage import open_storage, s3_client
+from data_pipeline.sources import SourceSpec
 from data_pipeline.synthetic import generate
 from tests import sample_inputs as inputs
+from tests.datasets import as_v1, shift_table_row
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,6 +39,11 @@ def _run(argv) -> int:
 
 def _manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST).read_text())
+
+
+def _samples(folder: Path, entry: dict) -> list[dict]:
+    """A shard's samples (key, offset, size, captions) from its table, checked as the loader reads it."""
+    return list(read_table(open_storage(str(folder)), str(folder), entry).entries())
 
 
 def _read_back(folder: Path) -> dict[str, dict]:
@@ -111,7 +122,7 @@ def test_shuffled_globally_and_cut_into_shards_of_the_configured_size(mixed_run)
     manifest = _manifest(mixed_run)
     counts = [s["num_samples"] for s in manifest["shards"]]
     assert counts == [10, 10, 10, 10, 5]
-    first_shard_sources = {k["key"].split("_")[0] for k in manifest["shards"][0]["samples"]}
+    first_shard_sources = {k["key"].split("_")[0] for k in _samples(mixed_run, manifest["shards"][0])}
     assert len(first_shard_sources) >= 3  # sources interleaved, not concatenated
 
 
@@ -119,14 +130,16 @@ def test_manifest_offsets_and_checksums_locate_every_sample(mixed_run):
     manifest = _manifest(mixed_run)
     samples = _read_back(mixed_run)
     for shard_entry in manifest["shards"]:
-        counts = [s["captions"] for s in shard_entry["samples"]]
-        assert counts == [len(json.loads(samples[s["key"]]["json"])["captions"]) for s in shard_entry["samples"]]
+        assert "samples" not in shard_entry  # in the shard's table: the manifest lists shards only
+        counts = [s["captions"] for s in _samples(mixed_run, shard_entry)]
+        assert counts == [len(json.loads(samples[s["key"]]["json"])["captions"])
+                          for s in _samples(mixed_run, shard_entry)]
         assert shard_entry["num_captions"] == sum(counts)
     for shard_entry in manifest["shards"]:
         data = (mixed_run / shard_entry["name"]).read_bytes()
         assert len(data) == shard_entry["bytes"]
         assert hashlib.sha256(data).hexdigest() == shard_entry["sha256"]
-        for sample in shard_entry["samples"]:
+        for sample in _samples(mixed_run, shard_entry):
             # seek to the offset and stream from there: the sample's members come first
             with tarfile.open(fileobj=io.BytesIO(data[sample["offset"]:]), mode="r|") as tar:
                 names = [next(iter(tar)).name]
@@ -165,10 +178,10 @@ def test_dali_webdataset_reader_reads_the_shards_with_our_index_files(mixed_run)
         for i in range(len(meta)):
             keys.append(json.loads(bytes(meta.at(i)))["key"])
             assert images.at(i).shape[2] == 3
-    assert keys == [s["key"] for sh in manifest["shards"] for s in sh["samples"]]
+    assert keys == [s["key"] for sh in manifest["shards"] for s in _samples(mixed_run, sh)]
 
 
-def test_verify_passes_then_catches_a_changed_shard(mixed_run, tmp_path, capsys):
+def test_verify_passes_then_catches_a_changed_shard_and_a_damaged_table(mixed_run, tmp_path, capsys):
     import shutil
     assert verify.main([str(mixed_run)]) == 0
     assert "OK" in capsys.readouterr().out
@@ -179,9 +192,68 @@ def test_verify_passes_then_catches_a_changed_shard(mixed_run, tmp_path, capsys)
     data[1000] ^= 0xFF
     tampered.write_bytes(bytes(data))
     (copy / "000003.tar").unlink()
+    # sample #4 of shard 000002 moved back into sample #3, the manifest's table sha256 updated to match
+    key = shift_table_row(open_storage(str(copy)), 2, 4, -512)
     assert verify.main([str(copy)]) == 1
     out = capsys.readouterr().out
     assert "000001.tar: sha256" in out and "000003.tar: missing" in out
+    [damaged] = [line for line in out.splitlines() if "shard '000002.tar'" in line]
+    assert f"sample {key!r}" in damaged and "row 4" in damaged, out
+
+
+def test_a_v1_dataset_upgraded_in_place_is_the_one_the_job_writes_and_its_tars_are_untouched(mixed_run, tmp_path,
+                                                                                               capsys):
+    import shutil
+    copy = tmp_path / "v1"
+    shutil.copytree(mixed_run, copy)
+    v2 = as_v1(open_storage(str(copy)))
+    v1 = _manifest(copy)
+    assert not list(copy.glob("*.samples.npy")) and "samples" in v1["shards"][0]
+    tars = {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in copy.glob("*.tar")}
+    assert verify.main([str(copy)]) == 0  # v1 still reads
+    assert upgrade.main([str(copy)]) == 0
+    assert "upgraded from pixelbert-dist/webdataset-v1" in capsys.readouterr().out
+    upgraded = _manifest(copy)
+    assert upgraded["shards"] == v2["shards"] and upgraded["format"] == v2["format"]  # tables as the job writes them
+    others = ("shards", "format", "upgraded")
+    assert {k: v for k, v in upgraded.items() if k not in others} == {k: v for k, v in v1.items() if k not in others}
+    assert {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in copy.glob("*.tar")} == tars
+    assert verify.main([str(copy)]) == 0
+    before = (copy / MANIFEST).read_bytes()
+    assert upgrade.main([str(copy)]) == 0  # idempotent
+    assert "already pixelbert-dist/webdataset-v2" in capsys.readouterr().out
+    assert (copy / MANIFEST).read_bytes() == before
+
+
+def test_a_shards_result_holds_counts_not_samples_and_a_v1_shard_gets_its_table_without_a_rewrite(tmp_path):
+    """What a shard task returns to the driver must not grow with the shard's samples; a shard an
+    earlier version finished (its stats list the samples) is completed with a table, its tar kept."""
+    path = generate(tmp_path / "syn", 30, seed=4, min_side=32, max_side=48)
+    settings = shard.JobSettings(30, 0, ImageSettings(0, 0))
+    [records] = shard.make_plan([SourceSpec.parse(f"coco:captions={path},images={tmp_path / 'syn' / 'images'}")],
+                                settings).shards
+    storage = open_storage(str(tmp_path / "out"))
+    small, big = (shard.build_shard(i, records[:n], settings.image, storage) for i, n in ((0, 3), (1, 30)))
+    assert (small.num_samples, big.num_samples, big.num_captions) == (3, 30, 150)
+    assert [name for name, value in asdict(big).items() if isinstance(value, list)] == ["skipped_examples"]
+    assert len(big.to_json()) - len(small.to_json()) < 16  # a few more digits, not 27 more samples
+    assert [s["key"] for s in _samples(tmp_path / "out", asdict(big))] == [r.key for r in records]
+    stats = tmp_path / "out" / "000001_stats.json"
+    assert "samples" not in json.loads(stats.read_text())
+    assert is_job_file(table_name(big.name))  # --overwrite and stale cleanup know the tables
+    # as v1 left it: the samples in the stats file, no table
+    table = tmp_path / "out" / "000001.samples.npy"
+    v1 = {k: v for k, v in asdict(big).items() if k not in ("num_captions", "table_bytes", "table_sha256")}
+    v1["samples"] = _samples(tmp_path / "out", asdict(big))
+    stats.write_text(json.dumps(v1))
+    table_bytes = table.read_bytes()
+    table.unlink()
+    tar = tmp_path / "out" / "000001.tar"
+    written = tar.stat().st_mtime_ns
+    assert shard.build_shard(1, records, settings.image, storage) == big
+    assert table.read_bytes() == table_bytes and tar.stat().st_mtime_ns == written
+    assert shard.ShardResult.from_json(stats.read_text()) == big
 
 
 def test_bad_inputs_are_skipped_and_counted_by_reason_without_losing_good_ones(tmp_path, ray_local):
@@ -324,7 +396,9 @@ def test_kill_minus_9_mid_run_then_rerun_gives_the_uninterrupted_dataset(tmp_pat
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert _shard_digests(crashed) == _shard_digests(clean)
-    assert [s["samples"] for s in _manifest(crashed)["shards"]] == [s["samples"] for s in _manifest(clean)["shards"]]
+    assert _manifest(crashed)["shards"] == _manifest(clean)["shards"]  # tables' sha256 included
+    assert [p.read_bytes() for p in sorted(crashed.glob("*.samples.npy"))] == \
+        [p.read_bytes() for p in sorted(clean.glob("*.samples.npy"))]
     assert not list(crashed.glob(".tmp-*"))
     assert verify.main([str(crashed)]) == 0
 
