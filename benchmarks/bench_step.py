@@ -5,6 +5,7 @@ report and plot stay together so a result file can be traced to one file.)
     .venv/bin/python benchmarks/bench_step.py                        # this CPU: R50 at 256x384 + BERT-base
     .venv/bin/python benchmarks/bench_step.py --quick --out /tmp/b   # smoke run (tests): tiny model, 1 round
     python3 benchmarks/bench_step.py --gpu --out DIR                 # one GPU: R50 at 800x1333, bf16
+    python3 benchmarks/bench_step.py --gpu --rows today,all --more-micro-batches 32 --checkpoint-batches ""
 
 Levers (issue 13), each a switch on the same model, batch, precision and optimizer:
   fold           frozen norms applied inside their convs (backbone.conv_norm); off: conv, then norm
@@ -21,7 +22,8 @@ Batches are what the loader makes: images resized by the run config's rule from 
 aspect ratios, padded into one canvas with pixel masks (so the padding masks run). Each row runs
 in a fresh process; rows are repeated in rounds with their order rotated, and a row's ratio vs
 today is the median of same-round ratios, which cancels most of a shared machine's drift.
-Writes <out>/step_<hardware>_<date>.{md,json,png}.
+Each row is appended to <out>/step_<hardware>_<date>.rows.jsonl (and a line printed) the moment
+it is measured, so a run cut off keeps them; at the end it writes <out>/step_<hardware>_<date>.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, markdown_table, timed_step, write_results  # noqa: E402
+from benchmarks.common import RESULTS, append_row, markdown_table, result_stem, timed_step, write_results  # noqa: E402
 
 LEVERS = ("fold", "fused", "channels_last", "compile", "buckets")
 # An assumed mix of photo shapes (w, h, share), COCO-like: mostly 4:3 and 3:2 landscapes, a
@@ -115,8 +117,8 @@ def make_batches(settings: Settings, cfg, seed: int = 0):
 def run_row(settings: Settings, row: Row) -> dict:
     import torch
     import torch.distributed as dist
-    from pixelbert_dist.flops import measure_flops, synthetic_batch
-    from pixelbert_dist.metrics import StepTimer, device_peak, reset_peak_memory, synchronize
+    from pixelbert_dist.flops import step_flops
+    from pixelbert_dist.metrics import StepTimer, device_peak, synchronize
     from pixelbert_dist.model import PixelBert, prepare_for_training
     from pixelbert_dist.optim import build_lr_schedule, build_optimizer
 
@@ -126,9 +128,7 @@ def run_row(settings: Settings, row: Row) -> dict:
     model = PixelBert(cfg.model).train()
     levers = set(row.levers)
     model.visual.cnn.fold_norms = "fold" in levers
-    # MFU's numerator at the configured, unpadded size: padding is not useful work
-    flops = measure_flops(model.to(device), synthetic_batch(cfg.model.vocab_size, 1, settings.image,
-                                                            cfg.data.max_text_len).to(device)).training
+    prices = step_flops(model, settings.image, cfg.data.max_text_len, device)  # before compile and checkpointing
     prepare_for_training(model, cfg.train, device)
     model.visual.cnn.channels_last = "channels_last" in levers  # prepare_for_training turns it on for a GPU
     torch.backends.cudnn.benchmark = "channels_last" in levers
@@ -140,7 +140,12 @@ def run_row(settings: Settings, row: Row) -> dict:
         from pixelbert_dist.engine import build_engine, deepspeed_config
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         cfg.deepspeed.zero_stage = 2
-        engine = build_engine(model, optimizer, scheduler, deepspeed_config(cfg, 1))
+        ds = deepspeed_config(cfg, 1)
+        if "fold" not in levers and bf16:
+            # unfolded, a frozen norm's fp32 statistics would hand its conv fp32 activations: today's
+            # engine cast them to bf16 (the trainer folds, and keeps them fp32)
+            ds["data_types"]["keep_in_fp32_modules"] = []
+        engine = build_engine(model, optimizer, scheduler, ds)
         forward, backward, step = engine, engine.backward, engine.step
     else:
         model.to(device)
@@ -156,9 +161,10 @@ def run_row(settings: Settings, row: Row) -> dict:
             optimizer.zero_grad(set_to_none=True)
         backward = lambda loss: loss.backward()  # noqa: E731
     batches = [b.to(device) for b in make_batches(settings, cfg)]
+    # MFU's numerator: what each batch trained, its valid pixels and tokens (padding is not useful work)
+    flops = statistics.mean(float(prices(b)) for b in batches) / cfg.train.micro_batch_size
     peak = device_peak(settings.precision, device)
     timer = StepTimer(flops, peak.flops, 1, device=device)  # host timing: no synchronize between phases
-    reset_peak_memory(device)
     losses = []
     # Warm-up covers every batch once: each new canvas shape is a (re)compile and a cuDNN autotune.
     warmup = max(settings.warmup, settings.batches)
@@ -166,7 +172,7 @@ def run_row(settings: Settings, row: Row) -> dict:
     for i in range(warmup + settings.steps):
         if i == warmup:
             synchronize(device)
-            timer.reset()
+            timer.reset()  # also the memory peak: the timed steps', not the FLOP probe's or a compile's
             timed_from = time.perf_counter()
             warmup_s = timed_from - began
         out = timed_step(timer, forward, backward, step, batches[i % len(batches)])
@@ -250,9 +256,13 @@ def padding_cost(short: int, long: int, micro_batch: int, batches: int = 2000, s
 
 # ---------------------------------------------------------------------------- rows and report
 
-def lever_rows(micro_batch: int, checkpoint_batches: list[int]) -> list[Row]:
+def lever_rows(micro_batch: int, checkpoint_batches: list[int], more_batches: list[int] = ()) -> list[Row]:
+    """Every lever row at the settings' micro batch; today and all again at each of `more_batches`
+    (named today-mb32, all-mb32: each compared with the today row of its own micro batch)."""
     rows = [Row("today"), *(Row(f"+{lever}", (lever,)) for lever in LEVERS), Row("all", LEVERS),
             Row("zero2-today", engine="zero2"), Row("zero2-all", LEVERS, engine="zero2")]
+    for mb in more_batches:
+        rows += [Row(f"today-mb{mb}", micro_batch=mb), Row(f"all-mb{mb}", LEVERS, micro_batch=mb)]
     # without compile: a compile per row would cost more than the row, and it does not move memory much
     uncompiled = tuple(lever for lever in LEVERS if lever != "compile")
     for mb in checkpoint_batches:
@@ -273,9 +283,10 @@ def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
         row["step_s"] = statistics.median(r["step_s_round"] for r in ok)
         row["pairs_per_s"] = row["micro_batch"] / row["step_s"]
         row["mfu"] = row["gflops_per_sample"] * 1e9 * row["pairs_per_s"] / (row["peak_tflops"] * 1e12)
-        today = [r for r in runs.get("today", []) if "error" not in r]
+        base = _today_of(name)
+        today = [r for r in runs.get(base, []) if "error" not in r]
         if today and not name.startswith("ckpt"):
-            paired = [(b["step_s_round"], r["step_s_round"]) for r, b in zip(rounds, runs["today"])
+            paired = [(b["step_s_round"], r["step_s_round"]) for r, b in zip(rounds, runs[base])
                       if "error" not in r and "error" not in b]
             row["speedup_vs_today"] = statistics.median(b / r for b, r in paired) if paired else None
             row["loss_vs_today"] = max(abs(a - b) / abs(b) for a, b in zip(row["losses"], today[0]["losses"]))
@@ -288,6 +299,31 @@ def aggregate(runs: dict[str, list[dict]]) -> list[dict]:
                      if "error" not in r and "error" not in p]
             by[z]["zero2_vs_plain"] = statistics.median(r / p for r, p in pairs)
     return rows
+
+
+def pick_rows(rows: list[Row], names: list[str]) -> list[Row]:
+    """`names` in their order, each after the today row it is compared with; the checkpointing rows last."""
+    by_name = {r.name: r for r in rows}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; rows are {', '.join(by_name)}")
+    order = dict.fromkeys(["today", *(x for n in names for x in (_today_of(n), n))])
+    return [by_name[n] for n in order] + [r for r in rows if r.name.startswith("ckpt")]
+
+
+def row_line(result: dict) -> str:
+    """One measured row in a line of the log."""
+    if "error" in result:
+        return f"error: {result['error'].strip().splitlines()[-1][:200]}"
+    pairs_per_s = result["micro_batch"] / result["step_s_round"]
+    mfu = result["gflops_per_sample"] * 1e9 * pairs_per_s / (result["peak_tflops"] * 1e12)
+    return (f"{result['step_s_round']:.3f} s/step, {pairs_per_s:.1f} pairs/s, MFU {100 * mfu:.2f}%, "
+            f"peak {result.get('memory_peak_gib', float('nan')):.2f} GiB, warm-up {result['warmup_s']:.0f} s")
+
+
+def _today_of(name: str) -> str:
+    """The row a lever row is compared with: today at the same micro batch."""
+    return f"today-{name.rpartition('-')[2]}" if name.rpartition("-")[2].startswith("mb") else "today"
 
 
 def _fmt(value, digits=3):
@@ -311,7 +347,7 @@ def report(rows: list[dict], padding: list[dict], settings: Settings, rounds: in
                 "note": f"ZeRO-2 / plain {r['zero2_vs_plain']:.3f}" if "zero2_vs_plain" in r else ""}
     by = {r["name"]: r for r in rows}
     headline = []
-    for name in ("+fold", "all"):
+    for name in ("+fold", "all", *(n for n in by if n.startswith("all-mb"))):
         r = by.get(name, {})
         if "speedup_vs_today" in r:
             headline.append(f"- {name}: **{r['speedup_vs_today']:.3f}x** today's step (median of same-round ratios)")
@@ -339,9 +375,11 @@ def report(rows: list[dict], padding: list[dict], settings: Settings, rounds: in
               "- speedup vs today = median over rounds of today's step / the row's step in the same round.",
               "- max loss diff vs today: the largest relative difference of any step's loss from today's first "
               "round (same images and seed; with buckets the canvases differ, which padding must not change).",
-              "- MFU = counted FLOPs per pair at the unpadded configured size (pixelbert_dist.flops) x pairs/s "
-              "/ the device's peak (pixelbert_dist.metrics). Peak memory: max_memory_allocated on a GPU, peak "
-              "RSS on a CPU.",
+              "- MFU = FLOPs per pair of what the batches trained, their valid pixels and tokens "
+              "(pixelbert_dist.flops.StepFlops) x pairs/s / the device's peak (pixelbert_dist.metrics). Peak memory "
+              "over the timed steps: max_memory_allocated on a GPU, peak RSS on a CPU.",
+              "- Rows named -mbN run at micro batch N and compare with today-mbN. Each row is appended to "
+              "<stem>.rows.jsonl the moment it is measured.",
               f"- Wall time: {elapsed / 60:.1f} min."]
     return "\n".join(parts)
 
@@ -380,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-batches", default=None,
                         help="micro batches of the activation-checkpointing rows (default CPU 4,8; GPU 8,16,32,64)")
     parser.add_argument("--rows", default=None,
-                        help="comma-separated lever rows to run (default: all; today and the checkpointing rows always)")
+                        help="comma-separated lever rows to run, in this order (default: all; the today row each "
+                             "one is compared with and the checkpointing rows always)")
+    parser.add_argument("--more-micro-batches", default="",
+                        help="further micro batches (comma-separated) for rows today-mbN and all-mbN")
+    parser.add_argument("--batches", type=int, default=3,
+                        help="distinct batches (canvas shapes) cycled; each new shape is a warm-up compile")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -402,25 +445,34 @@ def main(argv: list[str] | None = None) -> int:
                             args.micro_batch or 4, 3, 5, "cpu")
         default_ckpt, rounds = "4,8", 2
     rounds = args.rounds or rounds
+    settings.batches = args.batches
     ckpt_text = default_ckpt if args.checkpoint_batches is None else args.checkpoint_batches
     ckpt_batches = [int(x) for x in ckpt_text.split(",") if x]
-    rows = lever_rows(settings.micro_batch, ckpt_batches)
+    rows = lever_rows(settings.micro_batch, ckpt_batches, [int(x) for x in args.more_micro_batches.split(",") if x])
     if args.rows:
-        wanted = set(args.rows.split(","))
-        rows = [r for r in rows if r.name in wanted or r.name == "today" or r.name.startswith("ckpt")]
+        rows = pick_rows(rows, args.rows.split(","))
     runs: dict[str, list[dict]] = {r.name: [] for r in rows}
     began = time.perf_counter()
     timeout = 240 if args.gpu else 900
+    stem = result_stem("step", args.out)
+    measured = stem.parent / f"{stem.name}.rows.jsonl"  # each row the moment it is measured
+    print(f"rows as measured: {measured}", flush=True)
+
+    def measure(row: Row, label: str) -> None:
+        print(f"{label}: {row.name}", flush=True)
+        result = launch(settings, row, Path(work), timeout)
+        runs[row.name].append(result)
+        append_row(measured, {"label": label, **result})
+        print(f"  {row.name}: {row_line(result)}", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="bench-step-") as work:
         timed = [r for r in rows if not r.name.startswith("ckpt")]
         for k in range(rounds):
             for row in timed[k % len(timed):] + timed[:k % len(timed)]:
-                print(f"round {k + 1}/{rounds}: {row.name}", flush=True)
-                runs[row.name].append(launch(settings, row, Path(work), timeout))
+                measure(row, f"round {k + 1}/{rounds}")
         for row in rows:  # memory rows: once each (peak memory does not drift)
             if row.name.startswith("ckpt"):
-                print(f"memory: {row.name}", flush=True)
-                runs[row.name].append(launch(settings, row, Path(work), timeout))
+                measure(row, "memory")
     results = aggregate(runs)
     padding = padding_cost(*settings.image, settings.micro_batch)
     body = report(results, padding, settings, rounds, time.perf_counter() - began)

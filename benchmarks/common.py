@@ -59,11 +59,26 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def result_stem(theme: str, out_dir: Path = RESULTS) -> Path:
+    """<out_dir>/<theme>_<hardware>_<date>: the result files' names without their suffix."""
+    return out_dir / f"{theme}_{hardware_tag()}_{datetime.date.today().isoformat()}"
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One measured row as a JSON line, on disk at once: a run cut off by its deadline keeps
+    every row it measured (the .md/.json come only at the end)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as out:
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
 def write_results(theme: str, title: str, body_md: str, data: dict, plot=None,
                   out_dir: Path = RESULTS) -> Path:
     """Write <theme>_<hardware>_<date>.md/.json (and .png when `plot(path)` is given)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{theme}_{hardware_tag()}_{datetime.date.today().isoformat()}"
+    stem = result_stem(theme, out_dir)
     data = {"theme": theme, "hardware": hardware_tag(), "date": datetime.date.today().isoformat(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(), **data}
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1))

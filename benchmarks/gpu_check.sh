@@ -1,28 +1,39 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a bare single-GPU machine (H100/H200) that has torch,
-# torchvision and transformers but no network. Under 12 minutes: every step has a time limit.
+# torchvision and transformers but no network. It ends within GPU_CHECK_BUDGET_S seconds
+# (default 450: inside an 8-minute window with the machine's start), installs included.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [WHEEL_DIR]        # WHEEL_DIR defaults to .whl
 #
-#   1. installs the wheels in WHEEL_DIR into a private temporary folder (mktemp -d, mode 0700,
+# In this order, the most decisive first; what the deadline cuts off is named in the summary:
+#   1. machine: GPU, driver, Python and torch versions
+#   2. the wheels in WHEEL_DIR installed into a private temporary folder (mktemp -d, mode 0700,
 #      removed on exit; a fixed /tmp path would let another user of the host plant imports there)
 #      with --no-index --no-deps, skipping any project the machine already has (a second numpy
 #      or pillow would shadow torch's own)
-#   2. benchmarks/bench_loader.py --num-images 128 --out OUT_DIR: the GPU rows (DALI mixed, nvJPEG) beside the CPU
-#      rows; without an importable nvidia.dali the DALI rows read "not measured" and nvJPEG still runs
-#   3. benchmarks/bench_train.py --gpu-check --out OUT_DIR, when that file exists
-#   4. benchmarks/bench_step.py --gpu: the training-step levers (fold, fused, channels_last,
-#      compile, buckets) side by side, and activation checkpointing at micro batch 16 and 32
-# Everything printed goes to OUT_DIR/gpu_check.log: one log file, because a device run brings
-# back at most 8 files and the loader benchmark writes 3 (loader_<gpu>_<date>.md/.json/.png).
+#   3. the GPU tests, pytest -m gpu: each CUDA generator's state round trip, resume exactness on
+#      CUDA (the same losses with dropout and pixel sampling drawing there), no synchronizing
+#      copy in a training step, pinned batches, the training step's memory peak
+#   4. the loader's decode: PIL and torchvision on one CPU core at 224/384 and 800/1333, DALI
+#      (CPU and GPU) where nvidia.dali imports, nvJPEG (benchmarks/bench_loader.py)
+#   5. the training-step levers at R50 800x1333 bf16 (benchmarks/bench_step.py --gpu): today,
+#      ZeRO-2 today, today at micro batch 32, all levers, ZeRO-2 all levers, all at micro batch
+#      32, in that order; each row is appended to OUT_DIR/step_*.rows.jsonl the moment it is measured
+#   6. the summary: every step's status and time, the step rows measured, GPU processes left
+#
+# Every step runs in a process group of its own (setsid) watched by a timer: at the step's limit
+# or the deadline, whichever comes first, the whole group gets SIGTERM and 10 s later SIGKILL,
+# so no worker of a step outlives it on the GPU. Everything printed goes to OUT_DIR/gpu_check.log
+# (a device run brings back at most 8 files: this log, the loader's 3 and the step rows' 4).
 #
 # Preparing WHEEL_DIR, on a machine with network (x86_64; match the GPU machine's Python):
 #   P="--only-binary=:all: --no-deps --python-version 3.12 --implementation cp -d .whl
 #      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-#   # the loader benchmark: benchmarks/common.py needs psutil; the plot matplotlib (skipped without it);
-#   # pixelbert_dist.config needs pyyaml (transformers usually brings it)
+#   # the benchmarks: common.py needs psutil; plots matplotlib (skipped without it); the config pyyaml
 #   pip download $P psutil pyyaml matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six
-#   # the training benchmark (pixelbert_dist's engine and loader)
+#   # the GPU tests
+#   pip download $P pytest pluggy iniconfig pytest-timeout
+#   # the engine and the loader (pixelbert_dist)
 #   pip download $P 'webdataset>=1.0.2,<1.1' braceexpand 'safetensors>=0.8,<0.9' einops hjson msgpack \
 #       ninja py-cpuinfo annotated-types typing-inspection
 #   pip download --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
@@ -42,27 +53,84 @@ if [[ $# -lt 1 ]]; then
     echo "usage: bash benchmarks/gpu_check.sh OUT_DIR [WHEEL_DIR]" >&2
     exit 2
 fi
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+DEADLINE=$(( $(date +%s) + BUDGET ))
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)              # both resolved from the caller's directory
 WHEELS=$(cd "${2:-.whl}" 2>/dev/null && pwd || echo "${2:-.whl}")
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX") || { echo "mktemp -d failed" >&2; exit 1; }
-trap 'rm -rf "$SITE"' EXIT
 PY=${PYTHON:-python}
 LOG="$OUT/gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 status=0
+SUMMARY=()
+GROUP=""   # the process group of the step running now
 
-step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+cleanup() {
+    [[ -n "$GROUP" ]] && kill -KILL -- "-$GROUP" 2>/dev/null
+    rm -rf "$SITE"
+}
+trap cleanup EXIT
+trap 'echo "gpu_check: interrupted"; exit 130' INT TERM
 
-step "machine"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not found"
-$PY -c "import sys, torch, torchvision; print('python', sys.version.split()[0], '| torch', torch.__version__,
+# run_step NAME LIMIT_S COMMAND...: COMMAND in its own process group, ended (TERM, then KILL
+# 10 s later) at LIMIT_S or at the deadline, whichever is first. Its result goes to the summary.
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$(( DEADLINE - $(date +%s) - 15 ))   # 15 s kept for the group's end and the summary
+    (( limit > left )) && limit=$left
+    echo
+    echo "=== $(date -u +%H:%M:%S) $name (limit ${limit} s)"
+    if (( limit < 5 )); then
+        echo "skipped: the deadline has come"
+        SUMMARY+=("| $name | skipped: deadline | 0 |")
+        status=1
+        return
+    fi
+    local began=$SECONDS
+    # a new session (not a group leader here, so setsid does not fork): its pid is the group that
+    # every child inherits. bash -c runs the step's function (exported) or command.
+    setsid bash -c '"$@"' "$name" "$@" &
+    GROUP=$!
+    (
+        trap 'kill $timer 2>/dev/null; exit 0' TERM
+        sleep "$limit" >/dev/null 2>&1 & timer=$!; wait $timer
+        echo "=== $name: limit of ${limit} s reached: SIGTERM to its process group"
+        kill -TERM -- "-$GROUP" 2>/dev/null
+        sleep 10 >/dev/null 2>&1 & timer=$!; wait $timer
+        kill -KILL -- "-$GROUP" 2>/dev/null
+    ) &
+    local watchdog=$!
+    wait "$GROUP"
+    local rc=$?
+    kill -TERM "$watchdog" 2>/dev/null
+    wait "$watchdog" 2>/dev/null
+    kill -KILL -- "-$GROUP" 2>/dev/null   # a child that outlived its parent goes too
+    GROUP=""
+    local spent=$(( SECONDS - began )) verdict="ok"
+    if (( rc != 0 )); then
+        verdict="failed (rc $rc)"
+        (( rc == 143 || rc == 137 )) && verdict="ended at its limit (rc $rc)"
+        status=1
+    fi
+    echo "=== $name: $verdict after ${spent} s"
+    SUMMARY+=("| $name | $verdict | $spent |")
+}
+
+machine() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
+        || echo "nvidia-smi: not found"
+    $PY -c "import sys, torch, torchvision; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| torchvision', torchvision.__version__, '| cuda', torch.cuda.is_available())"
+}
 
-step "install wheels from $WHEELS into $SITE"
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
+install_wheels() {
+    compgen -G "$WHEELS/*.whl" > /dev/null || { echo "no wheels in $WHEELS: using what the machine has"; return 0; }
     # the wheels whose project is not installed yet (wheel names use '_' where projects use '-')
+    local missing
     mapfile -t missing < <($PY - "$WHEELS" <<'EOF'
 import importlib.metadata as md, pathlib, sys
 for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
@@ -73,38 +141,53 @@ for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
         print(wheel)
 EOF
     )
-    if [[ ${#missing[@]} -gt 0 ]]; then
-        timeout --kill-after=10 90 $PY -m pip install --quiet --no-index --no-deps --target "$SITE" "${missing[@]}" \
-            || { echo "pip install failed (rc $?)"; status=1; }
-    fi
-else
-    echo "no wheels in $WHEELS: using what the machine has"
-fi
+    [[ ${#missing[@]} -eq 0 ]] || $PY -m pip install --quiet --no-index --no-deps --no-compile --target "$SITE" "${missing[@]}"
+}
+
+gpu_tests() {
+    # only the files that hold gpu tests: collecting the whole suite imports Ray, moto and MLflow
+    local files
+    mapfile -t files < <(grep -rl --include='test_*.py' 'pytest.mark.gpu' tests | sort)
+    $PY -m pytest -m gpu -rA -q -p no:cacheprovider "${files[@]}"
+}
+
+export PY WHEELS SITE
+export -f machine install_wheels gpu_tests
+echo "gpu_check: budget ${BUDGET} s, deadline $(date -u -d "@$DEADLINE" +%H:%M:%S 2>/dev/null || echo "+${BUDGET} s")"
+run_step "machine" 30 machine
+run_step "install wheels from $WHEELS into $SITE" 90 install_wheels
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import nvidia.dali as d; print('nvidia.dali', d.__version__)" 2>/dev/null \
     || echo "nvidia.dali is not importable: the DALI rows will read 'not measured'; nvJPEG rows still run"
+run_step "GPU tests (pytest -m gpu)" 150 gpu_tests
+run_step "loader decode (bench_loader.py)" 75 $PY benchmarks/bench_loader.py --num-images 64 --out "$OUT"
+run_step "step levers at 800x1333 bf16 (bench_step.py --gpu)" 600 $PY benchmarks/bench_step.py --gpu \
+    --rows today,zero2-today,today-mb32,all,zero2-all,all-mb32 --more-micro-batches 32 --checkpoint-batches "" \
+    --batches 2 --out "$OUT"
 
-step "loader benchmark"
-# 128 images, not the default 256: the one-core CPU rows take ~3 min at 256 on a 2-core box
-timeout --kill-after=10 210 $PY benchmarks/bench_loader.py --num-images 128 --out "$OUT"
-rc=$?
-[[ $rc -eq 0 ]] || { echo "bench_loader.py failed (rc $rc; 124 = ran past its 210 s)"; status=1; }
-
-step "training benchmark"
-if [[ -f benchmarks/bench_train.py ]]; then
-    timeout --kill-after=10 150 $PY benchmarks/bench_train.py --gpu-check --out "$OUT"
-    rc=$?
-    [[ $rc -eq 0 ]] || { echo "bench_train.py failed (rc $rc; 124 = ran past its 150 s)"; status=1; }
-else
-    echo "benchmarks/bench_train.py does not exist: training check skipped"
-fi
-
-step "training-step levers"
-timeout --kill-after=10 300 $PY benchmarks/bench_step.py --gpu --checkpoint-batches 16,32 \
-    --rows today,+fold,+channels_last,+compile,all,zero2-today,zero2-all --out "$OUT"
-rc=$?
-[[ $rc -eq 0 ]] || { echo "bench_step.py failed (rc $rc; 124 = ran past its 300 s)"; status=1; }
-
-step "done (status $status); files in $OUT:"
+echo
+echo "=== $(date -u +%H:%M:%S) summary (status $status; budget ${BUDGET} s, $(( BUDGET - DEADLINE + $(date +%s) )) s used)"
+echo "| step | result | seconds |"
+echo "|---|---|---|"
+printf '%s\n' "${SUMMARY[@]}"
+echo
+echo "GPU tests:"
+grep -E '^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) ' "$LOG" | sed 's/^/  /' || echo "  none ran"
+echo "step rows measured (each appended as it was measured):"
+for rows in "$OUT"/step_*.rows.jsonl; do
+    [[ -f "$rows" ]] || { echo "  none"; break; }
+    $PY - "$rows" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "error" in r:
+        print(f"  {r['name']}: error: {r['error'].strip().splitlines()[-1][:200]}")
+    else:
+        print(f"  {r['name']} (micro batch {r['micro_batch']}): {r['step_s_round']:.3f} s/step, "
+              f"{r['micro_batch'] / r['step_s_round']:.1f} pairs/s, peak {r.get('memory_peak_gib', float('nan')):.1f} GiB")
+EOF
+done
+echo "GPU processes left: $(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null | tr '\n' ' ' || true)"
+echo "files in $OUT:"
 ls -l "$OUT"
 exit $status

@@ -266,8 +266,8 @@ class Checkpointer:
     """Owns a run's checkpoints: finding the one to resume, what one holds, saving, pruning, mirroring.
 
     A checkpoint holds the engine (model, optimizer, schedule: DeepSpeed's files), the data
-    position of all ranks merged, each rank's RNG, the bound train state (step, MLflow run)
-    and the resolved run config.
+    position of all ranks merged, each rank's random streams (Python, torch CPU, CUDA), the
+    bound train state (step, MLflow run) and the resolved run config.
     """
 
     def __init__(self, cfg: CheckpointConfig, dist_info: DistInfo, resume: str | None, seed: int) -> None:
@@ -315,11 +315,11 @@ class Checkpointer:
         self.train_state.load_state_dict(state)
         self.loader.load_state_dict(state["loader"])
         rng, rank = state.get("rng"), self.dist.rank
-        if rng and len(rng) == self.dist.world_size:  # same layout: each rank continues its own stream
-            torch.set_rng_state(torch.tensor(rng[rank]["torch"], dtype=torch.uint8))
-            random.setstate(_tuple_state(rng[rank]["python"]))
+        reseed = self.seed + 1000 * state["step"] + rank
+        if rng and len(rng) == self.dist.world_size:  # same layout: each rank continues its own streams
+            restore_rng(rng[rank], reseed)
         else:
-            torch.manual_seed(self.seed + 1000 * state["step"] + rank)
+            torch.manual_seed(reseed)  # every device's generator
         self.last_saved = state["step"]
         if self.dist.is_main:
             log.info("resumed from %s at step %d (epoch %d)", self.found[0] / self.found[1], state["step"],
@@ -334,16 +334,41 @@ class Checkpointer:
         when `step` is already saved."""
         if step == self.last_saved:
             return None
-        rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate()}
         client = {**self.train_state.state_dict(), "step": step, "epoch": self.loader.epoch,
                   "loader": merge_states(distributed.gather_objects(self.loader.state_dict())),
-                  "rng": distributed.gather_objects(rng), "config": self.run_config}
+                  "rng": distributed.gather_objects(rng_state()), "config": self.run_config}
         path = save(self.engine, self.cfg.dir, step, client, self.cfg.keep_last, self.dist.is_main)
         self.last_saved = step
         if not self.cfg.mirror:
             return str(path.resolve())
         push(self.cfg.dir, path.name, self.cfg.mirror, self.cfg.keep_last)
         return f"{self.cfg.mirror.rstrip('/')}/{path.name}"
+
+
+def rng_state() -> dict:
+    """Every generator a training step draws from, as JSON: Python's, torch's CPU one and, on a
+    GPU machine, each CUDA device's (dropout and pixel sampling draw there when the model is on a
+    GPU; DeepSpeed saves none of them)."""
+    state = {"torch": torch.get_rng_state().tolist(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict, reseed: int) -> None:
+    """Put back what `rng_state` saved. A CUDA stream the checkpoint lacks (saved on a CPU, or
+    another number of visible devices) is seeded from `reseed` instead: never step 0's draws."""
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    random.setstate(_tuple_state(state["python"]))
+    if not torch.cuda.is_available():
+        return
+    cuda = state.get("cuda")
+    if cuda is not None and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
+    else:
+        log.warning("the checkpoint holds %s CUDA generator states for %d devices: CUDA streams reseeded",
+                    "no" if cuda is None else len(cuda), torch.cuda.device_count())
+        torch.cuda.manual_seed_all(reseed)
 
 
 def _tuple_state(state):

@@ -46,17 +46,44 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict:
                           "modules bypass; use deepspeed.zero_stage 0-2, or train.compile=false")
     zero = dict(ds.get("zero_optimization", {}))
     zero["stage"] = cfg.deepspeed.zero_stage  # the JSON's stage is a default; deepspeed.zero_stage decides
-    if cfg.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     merged = {**ds, **{k: (v if not isinstance(v, dict) else {**ds.get(k, {}), **v}) for k, v in ours.items()}}
+    if cfg.deepspeed.offload_optimizer:
+        if cfg.deepspeed.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs ZeRO: set deepspeed.zero_stage to 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        # ZeRO-Offload refuses a client optimizer unless told: ours (torch's fused SGD and AdamW,
+        # one per group) then steps the fp32 masters on the host, where DeepSpeedCPUAdam would
+        # run Adam on every group and drop the CNN's SGD.
+        merged["zero_force_ds_cpu_optimizer"] = False
     merged["zero_optimization"] = zero
     if cfg.train.precision in ("bf16", "fp16"):
-        # DeepSpeed casts parameters but keeps buffers fp32: the norms' fp32 statistics would turn
-        # half-precision activations back to fp32 and the next conv would refuse them.
-        merged.setdefault("data_types", {}).setdefault("buffer_dtype", cfg.train.precision)
+        types = merged.setdefault("data_types", {})
+        # DeepSpeed casts parameters but keeps buffers fp32 unless told: the trained norms' fp32
+        # running statistics would turn bf16 activations back to fp32 and the next conv would refuse
+        # them. The frozen norms' statistics stay fp32: they are folded into their convs in fp32.
+        types.setdefault("buffer_dtype", cfg.train.precision)
+        if not cfg.model.train_backbone_norm:
+            types.setdefault("keep_in_fp32_modules", ["visual.cnn."])
+    if cfg.train.precision == "bf16":
+        _accumulate_in_fp32(merged, cfg, path)
     # Our optimizer (SGD + AdamW groups) is a client optimizer DeepSpeed has not vetted.
     merged["zero_allow_untested_optimizer"] = True
     return merged
+
+
+def _accumulate_in_fp32(merged: dict, cfg: PretrainConfig, path: Path) -> None:
+    """bf16 keeps 8 bits of mantissa: summed over micro-steps (and ranks) in bf16, small
+    gradients vanish under large ones. DeepSpeed accumulates in fp32 under ZeRO only."""
+    types = merged.setdefault("data_types", {})
+    if types.get("grad_accum_dtype", "fp32") != "fp32":
+        raise ConfigError(f"{path}: data_types.grad_accum_dtype={types['grad_accum_dtype']!r} under bf16 sums "
+                          "gradients in bf16; remove it (the run config accumulates in fp32)")
+    if cfg.deepspeed.zero_stage > 0:
+        types["grad_accum_dtype"] = "fp32"
+    elif merged["gradient_accumulation_steps"] > 1:
+        raise ConfigError(f"train.precision=bf16 with deepspeed.zero_stage=0 would sum "
+                          f"{merged['gradient_accumulation_steps']} micro-steps' gradients in bf16 (DeepSpeed "
+                          "accumulates in fp32 only under ZeRO): use deepspeed.zero_stage 1-3")
 
 
 def build_engine(model, optimizer, scheduler, ds_config: dict):

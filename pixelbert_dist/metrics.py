@@ -219,10 +219,12 @@ class StepTimer:
         self.reset()
 
     def reset(self) -> None:
-        """Start a new window now."""
+        """Start a new window now, and a new memory peak (not a FLOP probe's or an evaluation's)."""
+        reset_peak_memory(self.device)
         self.phase_totals: dict[str, float] = {}
         self.step_times: list[float] = []
         self.samples = self.images = 0
+        self.flops: float | torch.Tensor | None = None  # counted per step when end_step is given them
         self._step_start = self._window_start = time.perf_counter()
 
     @contextmanager
@@ -243,13 +245,19 @@ class StepTimer:
             self.phase_totals[name] = self.phase_totals.get(name, 0.0) + time.perf_counter() - began
             self._open = None
 
-    def end_step(self, samples: int, images: int | None = None) -> None:
-        """Close a step that trained on `samples` pairs (and `images` images, default the same) here."""
+    def end_step(self, samples: int, images: int | None = None, flops: float | torch.Tensor | None = None) -> None:
+        """Close a step that trained on `samples` pairs (and `images` images, default the same) here.
+
+        `flops`: what the step computed (flops.StepFlops; a device tensor is summed there and read
+        only by `summary`); without it a step counts flops_per_sample per pair.
+        """
         now = time.perf_counter()
         self.step_times.append(now - self._step_start)
         self._step_start = now
         self.samples += samples
         self.images += samples if images is None else images
+        if flops is not None:
+            self.flops = flops if self.flops is None else self.flops + flops
 
     def summary(self, reset: bool = True) -> dict[str, float]:
         """The window's numbers (see `SUMMARY_KEYS`); then a new window starts unless reset=False.
@@ -274,10 +282,12 @@ class StepTimer:
         out["samples_per_s"] = local_rate * self.world_size
         out["images_per_s"] = self.images / wall * self.world_size
         out["samples_per_s_per_device"] = local_rate
-        if self.flops_per_sample > 0:
-            out["tflops_per_device"] = self.flops_per_sample * local_rate / 1e12
+        flops_per_sample = (float(self.flops) / max(self.samples, 1) if self.flops is not None
+                            else self.flops_per_sample)
+        if flops_per_sample > 0:
+            out["tflops_per_device"] = flops_per_sample * local_rate / 1e12
             if self.peak_flops > 0:
-                out["mfu"] = mfu(self.flops_per_sample, local_rate, self.peak_flops)
+                out["mfu"] = mfu(flops_per_sample, local_rate, self.peak_flops)
         out["memory_peak_gib"] = peak_memory_gib(self.device)
         if reset:
             self.reset()
@@ -293,7 +303,7 @@ SUMMARY_KEYS = (
     "samples_per_s",             # image-text pairs per second, all ranks
     "images_per_s",              # images per second, all ranks
     "samples_per_s_per_device",  # this rank's pairs per second
-    "tflops_per_device",         # model TFLOP/s done by this rank (with flops_per_sample)
+    "tflops_per_device",         # model TFLOP/s done by this rank (steps' counted FLOPs, or flops_per_sample)
     "mfu",                       # tflops_per_device / peak, a fraction (with both)
-    "memory_peak_gib",           # torch.cuda.max_memory_allocated, or peak RSS on a CPU
+    "memory_peak_gib",           # torch.cuda.max_memory_allocated, or peak RSS on a CPU, since the window's start
 )

@@ -25,9 +25,11 @@ from pixelbert_dist.config import ConfigError, PretrainConfig
 from pixelbert_dist.consolidate import full_state_dict
 from pixelbert_dist.data.loader import StreamingLoader
 from pixelbert_dist.data.plan import Manifest
+from pixelbert_dist.data.wire import to_device
 from pixelbert_dist.distributed import DistInfo
 from pixelbert_dist.engine import build_engine, deepspeed_config
-from pixelbert_dist.metrics import StepTimer, device_peak
+from pixelbert_dist.flops import step_flops
+from pixelbert_dist.metrics import StepTimer, device_peak, reset_peak_memory
 from pixelbert_dist.model import prepare_for_training
 from pixelbert_dist.optim import build_lr_schedule, build_optimizer
 from pixelbert_dist.spec import JobSpec
@@ -65,9 +67,14 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_lr_schedule(optimizer, cfg.optim, steps_per_epoch)
         # counted before prepare_for_training: recomputed activations are not model FLOPs,
-        # and compiled kernels go uncounted
-        timer = StepTimer(spec.flops_per_sample(model, self.run, dist_info.device),
-                          device_peak(cfg.train.precision).flops, dist_info.world_size, device=dist_info.device)
+        # and compiled kernels go uncounted. Pre-training counts each step's valid pixels and
+        # tokens; a task counts one pair at the configured size.
+        data = cfg.data
+        self.step_flops = step_flops(model, (data.image_short_side, data.image_long_side), data.max_text_len,
+                                     dist_info.device)
+        per_sample = spec.flops_per_sample(model, self.run, dist_info.device) if self.step_flops is None else 0.0
+        timer = StepTimer(per_sample, device_peak(cfg.train.precision).flops, dist_info.world_size,
+                          device=dist_info.device)
         prepare_for_training(getattr(model, "body", model), cfg.train, dist_info.device)  # a task model's body
         self.engine = build_engine(model, optimizer, scheduler, self.ds_config)
         self.checkpointer.bind(self.engine, scheduler, self.loader, self, cfg.to_dict())
@@ -101,10 +108,10 @@ class Trainer:
         """Steps until the epoch's batches run out on any rank (True) or max_steps (False)."""
         batches, timer = self.loader.epoch_batches(), self.metrics.timer
         while not self._done():
-            with timer.phase("data"):  # waiting for the loader, and the copy to the device
+            with timer.phase("data"):  # waiting for the loader; the copy to the device is queued, not waited for
                 item = next(batches, None)
                 if item is not None:
-                    batch, info = item[0].to(self.dist.device), item[1]
+                    batch, info = to_device(item[0], self.dist.device), item[1]
             if not distributed.all_agree(item is not None):
                 return True
             with timer.phase("forward"):
@@ -113,7 +120,8 @@ class Trainer:
                 self.engine.backward(out.loss)
             with timer.phase("optimizer"):
                 self.engine.step()
-            self.metrics.record(out, samples=len(info.pairs), images=batch.images.shape[0])
+            self.metrics.record(out, samples=len(info.pairs), images=batch.images.shape[0],
+                                flops=None if self.step_flops is None else self.step_flops(batch))
             self._log_pairs(info, out)
             self.micro_steps += 1
             if self.micro_steps % self.accumulation == 0:
@@ -125,10 +133,14 @@ class Trainer:
         if self.metrics.should_log(self.step, last=self._done()):
             self.last_metrics = self.metrics.log(self.step, counters={"skipped_samples": self.loader.skipped},
                                                  extra={"epoch": self.loader.epoch, **self._learning_rates()})
-        if self.eval_manifest is not None and self._evaluation_due():
+        evaluating = self.eval_manifest is not None and self._evaluation_due()
+        saving = self.checkpointer.due(self.step)
+        if evaluating:
             self.evaluate()
-        if self.checkpointer.due(self.step):
+        if saving:
             self._save()
+        if evaluating or saving:  # memory_peak_gib is the training steps', not this work's
+            reset_peak_memory(self.dist.device)
 
     # ------------------------------------------------------------------ evaluation, checkpoints, tracking
 

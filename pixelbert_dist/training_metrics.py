@@ -1,7 +1,8 @@
 """The training loop's logging window: model outputs summed on the device, reduced over ranks by name.
 
     metrics = TrainingMetrics(spec.output_keys, timer, tracker, dist_info, every=cfg.train.log_every)
-    metrics.record(out, samples=len(info.pairs), images=batch.images.shape[0])   # each micro-step
+    metrics.record(out, samples=len(info.pairs), images=batch.images.shape[0],   # each micro-step
+                   flops=step_flops(batch))                                      # optional: else per pair
     if metrics.should_log(step, last):
         metrics.log(step, counters={"skipped_samples": loader.skipped}, extra={"epoch": epoch})
 
@@ -48,13 +49,13 @@ class TrainingMetrics:
         self.window_start = time.perf_counter()
         self.timer.reset()
 
-    def record(self, out, samples: int, images: int) -> None:
-        """One micro-step's outputs (tensors on the device) and what it trained on."""
+    def record(self, out, samples: int, images: int, flops: torch.Tensor | float | None = None) -> None:
+        """One micro-step's outputs (tensors on the device), what it trained on and, if counted, its FLOPs."""
         for key in self.output_keys:
             value = getattr(out, key).detach().float()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.micro_steps += 1
-        self.timer.end_step(samples=samples, images=images)
+        self.timer.end_step(samples=samples, images=images, flops=flops)
 
     def should_log(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0

@@ -180,7 +180,7 @@ class TrainConfig:
     micro_batch_size: int = 64
     """Pairs per rank per forward pass."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Training precision; fills the DeepSpeed config."""
+    """Training precision; fills the DeepSpeed config (bf16: gradients summed and frozen norms kept in fp32)."""
     grad_clip: float = 1.0
     """Gradient norm clip; 0 disables."""
     activation_checkpointing: Literal["none", "transformer", "cnn", "all"] = "none"
@@ -249,7 +249,7 @@ class DeepSpeedConfig:
     zero_stage: int = 2
     """ZeRO stage 0-3; overrides the JSON's zero_optimization.stage."""
     offload_optimizer: bool = False
-    """Keep optimizer state in CPU memory (ZeRO-Offload)."""
+    """Keep optimizer state in CPU memory and step it there with our optimizer (ZeRO-Offload; zero_stage 1-3)."""
 
     def __post_init__(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0-3, got {self.zero_stage}")

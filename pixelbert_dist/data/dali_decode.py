@@ -30,6 +30,7 @@ from torch import Tensor
 
 from pixelbert_dist.data.batch import resized_size
 from pixelbert_dist.data.types import TOKEN_STRIDE, pixel_mask_from_sizes
+from pixelbert_dist.data.wire import check_image_sizes
 
 if TYPE_CHECKING:
     from nvidia.dali import Pipeline
@@ -112,7 +113,10 @@ class DaliImageDecoder:
             kept = [i for i in kept if self._decodes(i, jpegs[i], sizes[i])]
             images = self._run([jpegs[i] for i in kept], [sizes[i] for i in kept])
         self.skipped += len(jpegs) - len(kept)
-        kept_sizes = torch.tensor([sizes[i] for i in kept], dtype=torch.long, device=self.device).view(-1, 2)
+        kept_sizes = torch.tensor([sizes[i] for i in kept], dtype=torch.long).view(-1, 2)
+        check_image_sizes(kept_sizes)  # here, on the host: the model does not check on a GPU
+        if self.device.type == "cuda":  # pinned, so the copy is queued and the host goes on
+            kept_sizes = kept_sizes.pin_memory().to(self.device, non_blocking=True)
         return images, pixel_mask_from_sizes(kept_sizes, *images.shape[-2:]), kept
 
     def _target_size(self, index: int, jpeg: bytes) -> tuple[int, int] | None:
