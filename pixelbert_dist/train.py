@@ -58,7 +58,7 @@ class Trainer:
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         steps_per_epoch = self.loader.steps_per_epoch() // self.accumulation
         if steps_per_epoch == 0:
-            raise ConfigError(f"{cfg.data.train_manifest} holds too few pairs for one optimizer step of "
+            raise ConfigError(f"{self.loader.manifest_url} holds too few pairs for one optimizer step of "
                               f"{cfg.train.global_batch_size} pairs")
         self.checkpointer = Checkpointer(cfg.checkpoint, dist_info, resume, cfg.train.seed)
 
@@ -131,7 +131,7 @@ class Trainer:
 
     def _after_step(self) -> None:
         if self.metrics.should_log(self.step, last=self._done()):
-            self.last_metrics = self.metrics.log(self.step, counters={"skipped_samples": self.loader.skipped},
+            self.last_metrics = self.metrics.log(self.step, counters=self.loader.counters(),
                                                  extra={"epoch": self.loader.epoch, **self._learning_rates()})
         evaluating = self.eval_manifest is not None and self._evaluation_due()
         saving = self.checkpointer.due(self.step)

@@ -105,7 +105,7 @@ class StreamingLoader:
         self.plan_step = 0  # batches handed out since the plan was made (the same on every rank)
         self.skipped = 0
         self.truncated = 0
-        self.pairs_by_dataset: Counter[str] = Counter()  # a mixture's pairs consumed, per dataset, since resume
+        self.pairs_by_dataset: Counter[str] = Counter()  # a mixture's pairs consumed, per dataset, in all
 
     @property
     def decoder(self) -> str:
@@ -121,6 +121,13 @@ class StreamingLoader:
         base_size = sum(end - start for ranges in self.plan_base.values() for start, end in ranges)
         tag = f"{self.seed}-{self.epoch}-{self.plan_layout}-{base_size}"
         return split_even(segments, self.world_size * self.num_workers_or_one), tag
+
+    def counters(self) -> dict[str, int]:
+        """What the loader counted, as the trainer logs it (summed over ranks): every rank gives
+        the same names, one per dataset of a mixture."""
+        datasets = getattr(self.manifest, "datasets", {})
+        return {"skipped_samples": self.skipped, **{f"data/pairs/{name}": self.pairs_by_dataset[name]
+                                                    for name in datasets}}
 
     def steps_per_epoch(self) -> int:
         """Full batches every rank can make from this epoch's plan (all ranks agree)."""
@@ -170,7 +177,7 @@ class StreamingLoader:
         return {"epoch": self.epoch, "consumed": {s: [list(r) for r in v] for s, v in self.consumed.items()},
                 "plan_base": self.plan_base, "plan_layout": self.plan_layout, "plan_step": self.plan_step,
                 "skipped": self.skipped, "truncated": self.truncated,
-                "captions_per_image": self.manifest.group}
+                "pairs_by_dataset": dict(self.pairs_by_dataset), "captions_per_image": self.manifest.group}
 
     def load_state_dict(self, state: dict) -> None:
         unknown = [shard for shard in state["consumed"] if not self.manifest.knows(shard)]
@@ -191,6 +198,7 @@ class StreamingLoader:
         keep = self.rank == 0
         self.skipped = state.get("skipped", 0) if keep else 0
         self.truncated = state.get("truncated", 0) if keep else 0
+        self.pairs_by_dataset = Counter(state.get("pairs_by_dataset", {}) if keep else {})
 
 
 def merge_states(states: list[dict]) -> dict:
@@ -210,4 +218,5 @@ def merge_states(states: list[dict]) -> dict:
             "plan_layout": states[0].get("plan_layout"), "plan_step": states[0].get("plan_step", 0),
             "captions_per_image": states[0].get("captions_per_image", 1),
             "skipped": sum(s.get("skipped", 0) for s in states),
-            "truncated": sum(s.get("truncated", 0) for s in states)}
+            "truncated": sum(s.get("truncated", 0) for s in states),
+            "pairs_by_dataset": dict(sum((Counter(s.get("pairs_by_dataset", {})) for s in states), Counter()))}

@@ -34,3 +34,25 @@ def test_downstream_noise_bound_counts_images_and_captions_as_retrieval_queries(
     # r_mean = half image-query recalls (60), half caption-query recalls (300):
     # 2 x sqrt(2 x (0.25 / 4) x (1/60 + 1/300)) = 2 x sqrt(0.0025) = 0.1
     assert noise({"images": 60, "captions": 300}) == pytest.approx(10.0)
+
+
+@pytest.mark.slow
+def test_data_scale_benchmark_quick_mode_measures_fresh_processes_and_writes_results(tmp_path):
+    # 5 shards of 10,000 (hard links of one tar): 512 parts of ~98 pairs, so the worker makes its 3 batches
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_data_scale.py"), "--quick", "--sizes",
+                           "50000", "--repeats", "1", "--v1-max", "0", "--index-tars", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (md,) = tmp_path.glob("data_scale_*.md")
+    data = json.loads(md.with_suffix(".json").read_text())
+    assert md.with_suffix(".png").stat().st_size > 1000
+    (row,) = data["rows"]
+    assert "error" not in row and "worker error" not in row, row
+    assert (row["format"], row["pairs"], row["shards"]) == ("v2", 50_000, 5)
+    (rank,) = data["runs"]["v2-50000-rank"]
+    (worker,) = data["runs"]["v2-50000-worker"]
+    # the rank planned every pair over 512 x 4 parts; the worker read its first 3 batches from the real tar
+    assert (rank["pairs"], rank["parts"]) == (50_000, 2048)
+    assert (worker["batches"], worker["pairs_read"]) == (3, 96)
+    assert all(isinstance(row[k], float) for k in ("rank s", "rank PSS MB", "rank RSS MB", "worker PSS MB"))
+    assert "400M pairs: not run" in md.read_text()

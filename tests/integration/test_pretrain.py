@@ -5,6 +5,7 @@ Over 300 lines: every test here shares the one sharded dataset on S3 (the `data`
 
 import json
 import os
+from collections import Counter
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -206,10 +207,12 @@ def test_deepspeed_json_conflicts_and_shapes_are_named_before_training(tmp_path)
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_with_the_shipped_hostfile(data, tmp_path):
+def test_deepspeed_launcher_with_the_shipped_hostfile_trains_a_mixture(data, tmp_path):
+    # the same shards as two datasets of a mixture (weights 1 and 0.5): both are read and logged
+    mixture = f"[{{name: a, manifest: '{data[0]}', weight: 1}}, {{name: b, manifest: '{data[0]}', weight: 0.5}}]"
     command = [str(BIN / "deepspeed"), "--hostfile", str(REPO / "cluster/hosts"), "--no_ssh", "--node_rank=0",
                "--master_addr", "127.0.0.1", f"--master_port={free_port()}", "--module", "pixelbert_dist.pretrain",
-               *_argv(data, tmp_path, train__max_steps=3)]
+               *_argv(data, tmp_path, train__max_steps=3, data__train_manifest="", data__mixture=mixture)]
     env = {**job_env(), "PATH": f"{BIN}:{os.environ['PATH']}"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -217,7 +220,12 @@ def test_deepspeed_launcher_with_the_shipped_hostfile(data, tmp_path):
         tags = dict(con.execute("select key, value from tags").fetchall())
         params = dict(con.execute("select key, value from params").fetchall())
     assert tags["launcher"] == "deepspeed" and params["world_size"] == "2"
-    assert len({r["rank"] for r in _pairs_log(tmp_path)}) == 2
+    rows = _pairs_log(tmp_path)
+    assert len({r["rank"] for r in rows}) == 2
+    trained = Counter(shard.partition("/")[0] for r in rows for shard, _ in r["pairs"])
+    metrics = _metrics(tmp_path / "mlruns.db")
+    logged = {name: metrics[f"data/pairs/{name}"][-1][1] for name in "ab"}
+    assert logged == trained and sum(trained.values()) == 3 * 8  # every pair trained, counted under its dataset
 
 
 def test_bf16_run_and_a_tracking_server_that_is_down(data, tmp_path):
