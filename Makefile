@@ -48,8 +48,7 @@ demo: $(STAMP)
 	$(PY) -m pixelbert_dist.tokenizer --captions $(DEMO)/synthetic/annotations/captions.json --out $(DEMO)/vocab
 	cd $(DEMO) && OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu RAY_USAGE_STATS_ENABLED=0 \
 	    $(CURDIR)/$(VENV)/bin/torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29533 \
-	    -m pixelbert_dist.pretrain --config $(CURDIR)/configs/pretrain/tiny-cpu.yaml \
-	    --deepspeed.config=$(CURDIR)/configs/deepspeed/zero2.json --deepspeed.zero_stage=2 \
+	    -m pixelbert_dist.pretrain --config $(CURDIR)/configs/pretrain/tiny-cpu.yaml --deepspeed.zero_stage=2 \
 	    --data.train_manifest=shards --data.tokenizer=vocab/vocab.txt --data.num_workers=1 \
 	    --data.eval_manifest=heldout-shards --train.eval_every=550 \
 	    --train.max_steps=$(DEMO_STEPS) --train.log_every=25 --checkpoint.dir=checkpoints \

@@ -83,8 +83,8 @@ def finetune(task: str, init: str, shards: tuple[Path, Path], args, work: Path) 
     experiment = client.get_experiment_by_name("pixelbert-finetune-tiny")
     run = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{name}'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
-    metrics = {k[5:]: v for k, v in run.data.metrics.items() if k.startswith("eval.")}
-    metrics["train_loss"] = run.data.metrics["loss"]
+    metrics = {k[5:]: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    metrics["train_loss"] = run.data.metrics["train/loss"]
     metrics["wall_s"] = time.time() - start
     return metrics
 

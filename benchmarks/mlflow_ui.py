@@ -28,7 +28,7 @@ from pixelbert_dist.distributed import free_port
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS = REPO / "benchmarks" / "results"
-METRICS = ("loss", "mlm_loss", "itm_loss", "samples_per_s")  # what the run page must show
+METRICS = ("train/loss", "train/mlm_loss", "train/itm_loss", "perf/samples_per_s")  # what the run page must show
 
 
 def rest(url: str, body: dict | None = None) -> dict:

@@ -17,6 +17,7 @@ import base64
 import logging
 import os
 import socket
+import time
 import urllib.request
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -67,6 +68,44 @@ def check_health(uri: str) -> None:
     urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5).close()
 
 
+# MLflow draws a chart section for each part of a metric's name before its first '/'. The code
+# keeps short names (loss, samples_per_s, time.forward); what MLflow shows is sectioned here.
+_SECTIONS = {
+    "perf": {"samples_per_s", "images_per_s", "samples_per_s_per_device", "tflops_per_device", "mfu",
+             "memory_peak_gib", "data_wait_fraction", "step_time_s", "step_time_median_s"},
+    "progress": {"epoch", "run_fraction", "pairs_seen", "pairs_total", "eta_h", "projected_device_hours"},
+    "data": {"skipped_samples", "truncated_captions"},
+}
+
+
+def metric_name(key: str) -> str:
+    """The sectioned name MLflow shows for a metric: train/loss, eval/zeroshot/text_r1,
+    perf/mfu, phase/forward_s, lr/cnn, progress/eta_h, data/skipped_samples."""
+    if "/" in key:
+        return key
+    head, dot, rest = key.partition(".")
+    if dot and head == "time":  # time.forward_s
+        return f"phase/{rest}"
+    if dot and head == "frac":
+        return f"phase/{rest}_fraction"
+    if dot and head == "lr":
+        return f"lr/{rest}"
+    if dot and head in ("eval", "zeroshot"):
+        return f"eval/{key.replace('.', '/')}" if head == "zeroshot" else f"eval/{rest}"
+    for section, names in _SECTIONS.items():
+        if key in names:
+            return f"{section}/{key}"
+    if key == "lr" or key.startswith("lr_"):
+        return f"lr/{key}"
+    return f"train/{key}"  # the job's outputs: losses and accuracies
+
+
+def run_name(tags: dict, params: dict, started: float) -> str:
+    """A name a person can tell apart in a list of runs: job, model, start time."""
+    model = f"{params.get('model.backbone', 'model')} L{params.get('model.num_layers', '?')}"
+    return f"{tags.get('job', 'run')} {model} {time.strftime('%m-%d %H:%M:%S', time.localtime(started))}"
+
+
 class Tracker:
     """Rank 0 logs; other ranks hold a tracker that does nothing."""
 
@@ -101,8 +140,11 @@ class Tracker:
             if run_id:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
             else:
-                mlflow.set_experiment(self.cfg.experiment)
-                run = mlflow.start_run(run_name=self.cfg.run_name or None, log_system_metrics=True)
+                experiment = mlflow.set_experiment(self.cfg.experiment)
+                if "mlflow.experimentKind" not in experiment.tags:  # the UI then opens on runs and charts
+                    mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
+                run = mlflow.start_run(run_name=self.cfg.run_name or run_name(tags, params, time.time()),
+                                       log_system_metrics=True)
                 mlflow.log_params({k: str(v)[:500] for k, v in redact(params).items()})
             mlflow.set_tags(redact(tags))
             return run.info.run_id
@@ -112,7 +154,7 @@ class Tracker:
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         import mlflow
-        self._call("log_metrics", mlflow.log_metrics, values, step=step)
+        self._call("log_metrics", mlflow.log_metrics, {metric_name(k): v for k, v in values.items()}, step=step)
 
     def tag(self, key: str, value: str) -> None:
         import mlflow

@@ -90,6 +90,9 @@ class Trainer:
         """Resume if asked, train to train.epochs (or train.max_steps); the last logged and evaluated metrics."""
         self.checkpointer.load_latest()
         self._start_tracking()
+        by_epochs = self.cfg.train.epochs * (self.loader.steps_per_epoch() // self.accumulation)
+        self.metrics.plan(min(self.cfg.train.max_steps or by_epochs, by_epochs), first_step=self.step,
+                          pairs_per_step=self.cfg.train.global_batch_size)
         self.micro_steps = 0  # DeepSpeed steps the optimizer every `accumulation` of them, across epochs
         self.last_metrics, self.eval_metrics = {}, {}
         while self.loader.epoch < self.cfg.train.epochs and not self._done():

@@ -1,6 +1,7 @@
 """The training loop's logging window: model outputs summed on the device, reduced over ranks by name.
 
     metrics = TrainingMetrics(spec.output_keys, timer, tracker, dist_info, every=cfg.train.log_every)
+    metrics.plan(total_steps, first_step=step, pairs_per_step=global_batch)     # after a resume, too
     metrics.record(out, samples=len(info.pairs), images=batch.images.shape[0],   # each micro-step
                    flops=step_flops(batch))                                      # optional: else per pair
     if metrics.should_log(step, last):
@@ -8,6 +9,11 @@
 
 Outputs stay on the device until the window closes, so a step never waits for the GPU just
 to be logged; one collective per window reduces every value by its name.
+
+With the run's length known (`plan`), each window also says where the run is: the fraction
+done, pairs seen of the total, the time left at the rate since the first window (the first
+window holds compilation and warm-up), and the run's projected device-hours (GPU-hours on
+GPUs: wall time x devices), so a user renting 64 GPUs knows the bill after a few minutes.
 """
 
 from __future__ import annotations
@@ -43,6 +49,30 @@ class TrainingMetrics:
         self.dist, self.every, self.logger = dist_info, every, logger
         self.reset()
 
+        self.total_steps = 0
+
+    def plan(self, total_steps: int, first_step: int, pairs_per_step: int) -> None:
+        """The run's length in optimizer steps and where it starts (a resume starts mid-way)."""
+        self.total_steps, self.pairs_per_step = total_steps, pairs_per_step
+        self.started, self.warm = time.perf_counter(), None  # warm: (step, time) at the first window's end
+        self.first_step = first_step
+
+    def progress(self, step: int) -> dict[str, float]:
+        """Run fraction, pairs seen of the total, and once past warm-up: hours left and projected device-hours."""
+        if not self.total_steps:
+            return {}
+        now = time.perf_counter()
+        out = {"run_fraction": step / self.total_steps, "pairs_seen": step * self.pairs_per_step,
+               "pairs_total": self.total_steps * self.pairs_per_step}
+        if self.warm is None:
+            self.warm = (step, now)
+        elif step > self.warm[0]:
+            seconds_per_step = (now - self.warm[1]) / (step - self.warm[0])
+            left = max(self.total_steps - step, 0) * seconds_per_step
+            out["eta_h"] = left / 3600
+            out["projected_device_hours"] = (now - self.started + left) * self.dist.world_size / 3600
+        return out
+
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.micro_steps = 0
@@ -74,10 +104,22 @@ class TrainingMetrics:
         metrics["data_wait_fraction"] = total["data_wait_fraction"] / world
         metrics.update({k: total[k] for k in counters}, **extra)
         metrics.update({k: v for k, v in timing.items() if k.startswith(("time.", "frac.")) or k in _TIMING_KEYS})
+        metrics.update(self.progress(step))
         self.tracker.metrics(metrics, step)
         if self.dist.is_main:
-            self.logger.info("step %d epoch %d %s %.1f pairs/s wait %.1f%%", step, extra.get("epoch", 0),
-                             " ".join(f"{k} {metrics[k]:.4f}" for k in self.output_keys), metrics["samples_per_s"],
-                             100 * metrics["data_wait_fraction"])
+            self.logger.info("step %s epoch %d %s %.1f pairs/s wait %.1f%%%s", self._of_total(step),
+                             extra.get("epoch", 0), " ".join(f"{k} {metrics[k]:.4f}" for k in self.output_keys), metrics["samples_per_s"],
+                             100 * metrics["data_wait_fraction"], _eta_text(metrics))
         self.reset()
         return metrics
+
+    def _of_total(self, step: int) -> str:
+        return f"{step}/{self.total_steps} ({100 * step / self.total_steps:.1f}%)" if self.total_steps else str(step)
+
+
+def _eta_text(metrics: dict[str, float]) -> str:
+    if "eta_h" not in metrics:
+        return ""
+    minutes = round(metrics["eta_h"] * 60)
+    left = f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+    return f" | ETA {left}, run ~{metrics['projected_device_hours']:.2f} device-hours"

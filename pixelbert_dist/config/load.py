@@ -29,7 +29,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         _require(isinstance(loaded, (dict, type(None))), f"{path}: top level must be a mapping")
-        raw = loaded or {}
+        raw = _relative_to(Path(path), loaded or {})
     for override in overrides:
         dotted, value = _parse_override(override)
         section, _, key = dotted.partition(".")
@@ -42,6 +42,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         return _build(schema, raw, prefix="")
     except ConfigError as err:
         raise ConfigError(f"{where or 'defaults'}: {err}") from None
+
+
+# Files a config file names that ship beside it: relative to that file, so a config works from
+# any folder. Data, checkpoints and outputs stay relative to where the job runs.
+BESIDE_THE_FILE = (("deepspeed", "config"),)
+
+
+def _relative_to(path: Path, raw: dict) -> dict:
+    for section, key in BESIDE_THE_FILE:
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            raw[section][key] = str((path.resolve().parent / value).resolve())
+    return raw
 
 
 def _parse_override(arg: str) -> tuple[str, Any]:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pixelbert_dist.config.errors import _require
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 from pixelbert_dist.config.redact import redact
 
 
@@ -44,6 +47,8 @@ class ModelConfig:
     """`none` (random init) or a hub name / folder of BERT weights, e.g. `bert-base-uncased`."""
     pixel_sample_count: int = 100
     """Visual tokens drawn per image in pre-training (random pixel sampling); 0 keeps all."""
+    mlm_on_mismatched: bool = False
+    """MLM loss on captions paired with another image too (ITM label 0); off: matched pairs only."""
     visual_position_embedding: bool = False
     """Add a learned 2-D position embedding to visual tokens (not in the paper)."""
     max_visual_grid: int = 32
@@ -244,8 +249,8 @@ class TrackingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    config: str = "configs/deepspeed/zero2.json"
-    """DeepSpeed JSON; batch sizes and precision come from train.* and must not conflict."""
+    config: str = str(SHIPPED_CONFIGS / "deepspeed" / "zero2.json")
+    """DeepSpeed JSON (in a YAML file: relative to that file); batch sizes and precision come from train.*."""
     zero_stage: int = 2
     """ZeRO stage 0-3; overrides the JSON's zero_optimization.stage."""
     offload_optimizer: bool = False

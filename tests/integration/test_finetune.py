@@ -80,10 +80,10 @@ def test_vqa_on_two_ranks_from_an_export_answers_every_held_out_question(tasks, 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"starting from {init}" in done.stderr
     metrics = _metrics(tmp_path / "mlruns.db")
-    assert [s for s, _ in metrics["loss"]] == [1, 2, 3, 4]
-    assert [s for s, _ in metrics["eval.vqa_accuracy"]] == [4]
-    assert all(0 < v < 1 for _, v in metrics["mfu"])  # fine-tuning counts its FLOPs too
-    assert 0 <= metrics["eval.vqa_accuracy"][0][1] <= 100
+    assert [s for s, _ in metrics["train/loss"]] == [1, 2, 3, 4]
+    assert [s for s, _ in metrics["eval/vqa_accuracy"]] == [4]
+    assert all(0 < v < 1 for _, v in metrics["perf/mfu"])  # fine-tuning counts its FLOPs too
+    assert 0 <= metrics["eval/vqa_accuracy"][0][1] <= 100
     # every held-out question answered exactly once, from the vocabulary, over both ranks
     raw = tasks[2] / "vqa"
     questions = json.loads(next(raw.glob("v2_OpenEnded_mscoco_val*_questions.json")).read_text())["questions"]
@@ -103,10 +103,10 @@ def test_nlvr2_trains_evaluates_and_resumes_into_the_same_run(tasks, tmp_path):
     done = _run(1, _argv(tasks, "nlvr2", tmp_path, train__max_steps=4) + ["--resume", "auto"], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = _metrics(tmp_path / "mlruns.db")
-    assert [s for s, _ in metrics["loss"]] == [1, 2, 3, 4]  # one MLflow run, continued
-    assert [s for s, _ in metrics["eval.nlvr2_accuracy"]] == [2, 4]
-    assert 0 <= metrics["eval.nlvr2_accuracy"][-1][1] <= 100
-    assert all(0 < v < 1 for _, v in metrics["mfu"])
+    assert [s for s, _ in metrics["train/loss"]] == [1, 2, 3, 4]  # one MLflow run, continued
+    assert [s for s, _ in metrics["eval/nlvr2_accuracy"]] == [2, 4]
+    assert 0 <= metrics["eval/nlvr2_accuracy"][-1][1] <= 100
+    assert all(0 < v < 1 for _, v in metrics["perf/mfu"])
     with sqlite3.connect(tmp_path / "mlruns.db") as con:
         tags = dict(con.execute("select key, value from tags").fetchall())
     assert tags["launcher"] == "single" and tags["job"] == "nlvr2"  # a plain process, not "deepspeed"
@@ -149,7 +149,7 @@ def test_fine_tuning_from_the_pretrained_model_beats_fine_tuning_from_scratch(re
         done = _run(1, argv, workdir)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         metrics = _metrics(workdir / "mlruns.db")
-        assert metrics["eval.images"][-1][1] == 20 and metrics["eval.captions"][-1][1] == 100
-        scores[init or "scratch"] = metrics["eval.r_mean"][-1][1]
+        assert metrics["eval/images"][-1][1] == 20 and metrics["eval/captions"][-1][1] == 100
+        scores[init or "scratch"] = metrics["eval/r_mean"][-1][1]
     # measured: 46.5 vs 25.0 (chance ~27); 5 points of margin against a flaky pass
     assert scores[str(PRETRAINED)] > scores["scratch"] + 5.0, scores

@@ -122,3 +122,15 @@ def test_cli_prints_the_resolved_config_and_exits_2_on_errors(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"]["num_layers"] == 3
     assert config_module.main(["--model.hiden_size=3"]) == 2
     assert "did you mean 'model.hidden_size'" in capsys.readouterr().err
+
+
+def test_a_shipped_config_works_from_any_folder(tmp_path, monkeypatch):
+    # the DeepSpeed JSON a config file names is found beside that file, not in the working folder
+    monkeypatch.chdir(tmp_path)
+    for path in sorted((REPO / "configs").glob("*/*.yaml")):
+        schema = FinetuneConfig if path.parent.name == "finetune" else PretrainConfig
+        cfg = load_config(path.resolve(), ["--model.vocab_size=100"] if "tiny" in path.name else [], schema=schema)
+        assert Path(cfg.deepspeed.config).is_file(), (path, cfg.deepspeed.config)
+    # on the command line, a relative path is the user's: relative to where the job runs
+    assert load_config(REPO / "configs/pretrain/r50-coco-vg.yaml", ["--deepspeed.config=my.json"]).deepspeed.config \
+        == "my.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -50,3 +51,32 @@ def test_the_window_averages_outputs_over_micro_steps_and_keeps_them_as_tensors(
     assert logged["loss"] == pytest.approx(3.0) and logged["accuracy"] == pytest.approx(0.75)
     assert logged["skipped_samples"] == 5 and logged["epoch"] == 1 and logged["samples_per_s"] > 0
     assert metrics.sums == {} and metrics.micro_steps == 0  # a new window
+
+
+def test_a_planned_run_reports_progress_then_time_left_and_its_device_hours(caplog):
+    info = DistInfo(0, 4, 0, torch.device("cpu"), "single")  # 4 devices: device-hours are 4x wall hours
+    metrics = TrainingMetrics(("loss",), StepTimer(), Tracker(TrackingConfig(), enabled=False), info,
+                              every=10, logger=logging.getLogger("test.progress"))
+    metrics.plan(100, first_step=0, pairs_per_step=8)
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        logs = []
+        for step in (10, 20):
+            metrics.record(SimpleNamespace(loss=torch.tensor(1.0)), samples=8, images=8)
+            time.sleep(0.05)
+            logs.append(metrics.log(step, counters={}, extra={}))
+    first, second = logs
+    assert first["run_fraction"] == 0.1 and first["pairs_seen"] == 80 and first["pairs_total"] == 800
+    assert "eta_h" not in first  # the first window holds warm-up: no rate from it
+    # 10 steps took >= 50 ms: 80 steps left take >= 0.4 s; the run, >= 0.45 s on each of 4 devices
+    assert second["eta_h"] * 3600 >= 0.4 and second["projected_device_hours"] * 3600 >= 4 * 0.45
+    assert "step 20/100 (20.0%)" in caplog.text and "ETA 0m, run ~0.00 device-hours" in caplog.text
+
+
+def test_mlflow_gets_metrics_in_sections():
+    from pixelbert_dist.tracking import metric_name
+    assert [metric_name(k) for k in ("loss", "itm_accuracy", "zeroshot.text_r1", "eval.vqa_accuracy", "mfu",
+                                     "samples_per_s", "time.forward_s", "frac.data", "lr.cnn", "eta_h",
+                                     "skipped_samples", "data/pairs/coco")] == [
+        "train/loss", "train/itm_accuracy", "eval/zeroshot/text_r1", "eval/vqa_accuracy", "perf/mfu",
+        "perf/samples_per_s", "phase/forward_s", "phase/data_fraction", "lr/cnn", "progress/eta_h",
+        "data/skipped_samples", "data/pairs/coco"]
