@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +64,7 @@ def finetune(task: str, init: str, shards: tuple[Path, Path], args, work: Path) 
     """One fine-tuning run; its last evaluation metrics and wall time."""
     name = f"{task}-{'pretrained' if init else 'scratch'}"
     folder = work / name
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # a fresh run: a used folder is refused
     folder.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "pixelbert_dist.finetune", "--config", str(REPO / "configs/finetune/tiny-cpu.yaml"),
             f"--task.name={task}", f"--task.init={init}", f"--data.train_manifest={shards[0]}",

@@ -25,7 +25,7 @@ from data_pipeline.shard_format import (FORMAT, IMG2DATASET, INDEX_FORMAT, MANIF
                                         V1_FORMATS, ManifestError, unsafe_member)
 from data_pipeline.storage import Storage, StorageError
 
-__all__ = ["ManifestError", "read_manifest", "read_table", "is_v1", "pairs_of", "check_manifest"]
+__all__ = ["ManifestError", "read_manifest", "read_table", "is_v1", "pairs_of", "check_manifest", "shard_source"]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -52,6 +52,12 @@ def is_v1(data: dict) -> bool:
 def pairs_of(shard: dict) -> int:
     """A listed shard's image-caption pairs (the sum of its samples' caption counts)."""
     return shard["num_captions"]
+
+
+def shard_source(url: str, shard: dict) -> str:
+    """How readers name a listed shard's tar in their errors: its url (an index's tar elsewhere),
+    else its place beside the manifest at `url`."""
+    return shard.get("url") or f"{url}/{shard['name']}"
 
 
 def read_table(storage: Storage, url: str, shard: dict) -> SampleTable:

@@ -16,7 +16,7 @@ result matches its URL and size), and manifest.json, last: shards only, so the d
 O(tars) whatever their samples. A shard's `name` is its path below the inputs' common folder;
 when the manifest is elsewhere, `url` says where the tar is, and `sources` (the inputs, made
 absolute) where the loader lets such a url point (data_pipeline/dataset_manifest.py: tar_roots).
-Training then reads the tars directly: `--data.shards=OUT`.
+Training then reads the tars directly: `--data.train_manifest=OUT`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
 """Image-caption sources -> WebDataset shards + manifest, as Ray tasks.
-(Over 300 lines on purpose: one job's plan, shard task, manifest and command line read as one recipe.)
 
     python -m data_pipeline.shard --out s3://bucket/coco-vg \\
         --source coco:captions=captions_train2017.json,images=train2017,include=karpathy_train_ids.txt \\
@@ -12,6 +11,8 @@ duplicates and captionless records (counted) -> seeded global shuffle -> cut int
 one Ray task per shard (retried on I/O errors, a bounded number in flight) -> manifest last.
 Rerunning the same command resumes: shards whose sha256 checks out are kept.
 """
+
+# Over 300 lines on purpose: one job's plan, shard task, manifest and command line read as one recipe.
 
 from __future__ import annotations
 

@@ -43,7 +43,16 @@ class ManifestError(ValueError):
 
 class ShardFormatError(ValueError):
     """A shard's bytes are not what its manifest lists; the message names the shard, and the
-    sample's key and offset (or the member's offset)."""
+    sample's key and offset (or the member's offset). `reason` says which check failed, in the
+    words the loader counts skipped pairs by (pixelbert_dist/data/stream.py SKIP_REASONS):
+    truncated_shard, bad_tar, unsafe_member, too_large, bad_captions or bad_table."""
+
+    def __init__(self, message: str, reason: str = "bad_tar") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keeps `reason` across processes
+        return type(self), (str(self), self.reason)
 
 
 def shard_name(index: int) -> str:
@@ -139,7 +148,7 @@ def read_samples(stream: BinaryIO,
                 continue
             if info.size > max_member:
                 raise ShardFormatError(f"{source}: member {info.name!r} at offset {info.offset} announces "
-                                       f"{info.size} bytes (more than the cap of {max_member})")
+                                       f"{info.size} bytes (more than the cap of {max_member})", "too_large")
             key, _, ext = info.name.partition(".")
             payload = tar.extractfile(info).read()
             if current is None or key != current.key:
@@ -228,30 +237,61 @@ def caption_of(members: dict[str, bytes]) -> str | None:
     return text or None
 
 
-def read_listed(stream: BinaryIO, samples: Iterable[dict], start: int,
-                source: str | None = None) -> Iterator[dict[str, bytes]]:
-    """Member bytes (by ext) of each listed sample; `stream` is positioned at byte `start`.
+def sample_where(source: str, sample: dict) -> str:
+    """How every reader names a listed sample in its errors: shard, key, offset."""
+    return f"{source}: sample {sample['key']!r} at offset {sample['offset']}"
 
-    Bytes between listed samples are read past, never parsed; nothing is unpickled, decoded or
-    written. A sample's bytes must be one tar run of its own key's plain files, each within the
-    sample's listed size: anything else (a shard cut short, offsets or keys that disagree with
-    the manifest, a bad header, `../x` or `/abs` names, links, a header announcing more bytes
-    than the sample holds) is a ShardFormatError naming `source` (the shard), key and offset.
+
+def listed_chunks(stream: BinaryIO, samples: Iterable[dict], start: int,
+                  source: str | None = None) -> Iterator[tuple[dict, bytes | ShardFormatError]]:
+    """Each listed sample with its bytes, or the ShardFormatError that says why they cannot be
+    read; `stream` is positioned at byte `start`. The table says where each sample starts, so a
+    bad sample costs only itself: reading goes on at the next listed offset. Bytes between listed
+    samples are read past, never parsed. A shard that ends early fails every sample from there."""
+    source = source or getattr(stream, "name", "shard")
+    position, ended = start, None
+    for sample in samples:
+        offset, size = sample["offset"], sample["size"]
+        where = sample_where(source, sample)
+        if offset < position or not 0 < size <= MAX_SAMPLE_BYTES:
+            yield sample, ShardFormatError(f"{where}: listed with {size} bytes after byte {position} "
+                                           "(a broken manifest)", "bad_table")
+        elif ended is not None:
+            yield sample, ShardFormatError(f"{where}: the shard ends at byte {ended} (it is shorter than its "
+                                           "manifest says)", "truncated_shard")
+        else:
+            try:
+                _read_exactly(stream, offset - position, discard=True)
+                chunk = _read_exactly(stream, size)
+            except _ShortRead as err:
+                ended = offset + size - err.missing if err.chunk else offset - err.missing
+                yield sample, ShardFormatError(f"{where}: {err} (the shard is shorter than its manifest says)",
+                                               "truncated_shard")
+                continue
+            position = offset + size
+            yield sample, chunk
+
+
+def read_listed(stream: BinaryIO, samples: Iterable[dict], start: int,
+                source: str | None = None) -> Iterator[dict[str, bytes] | ShardFormatError]:
+    """Member bytes (by ext) of each listed sample, or the ShardFormatError that names why the
+    sample cannot be used; `stream` is positioned at byte `start` (listed_chunks reads).
+
+    Nothing is unpickled, decoded or written. A sample's bytes must be one tar run of its own
+    key's plain files, each within the sample's listed size: anything else (a shard cut short,
+    offsets or keys that disagree with the manifest, a bad header, `../x` or `/abs` names,
+    links, a header announcing more bytes than the sample holds) is an error naming `source`
+    (the shard), key and offset. The loader skips such a sample; `verify` reports it.
     """
     source = source or getattr(stream, "name", "shard")
-    position = start
-    for sample in samples:
-        key, offset, size = sample["key"], sample["offset"], sample["size"]
-        where = f"{source}: sample {key!r} at offset {offset}"
-        if offset < position or not 0 < size <= MAX_SAMPLE_BYTES:
-            raise ShardFormatError(f"{where}: listed with {size} bytes after byte {position} (a broken manifest)")
+    for sample, chunk in listed_chunks(stream, samples, start, source):
+        if isinstance(chunk, ShardFormatError):
+            yield chunk
+            continue
         try:
-            _read_exactly(stream, offset - position, discard=True)
-            chunk = _read_exactly(stream, size)
-        except EOFError as err:
-            raise ShardFormatError(f"{where}: {err} (the shard is shorter than its manifest says)") from None
-        position = offset + size
-        yield sample_members(chunk, key, where, offset)
+            yield sample_members(chunk, sample["key"], sample_where(source, sample), sample["offset"])
+        except ShardFormatError as err:
+            yield err
 
 
 def sample_members(chunk: bytes, key: str, where: str, offset: int) -> dict[str, bytes]:
@@ -265,13 +305,14 @@ def sample_members(chunk: bytes, key: str, where: str, offset: int) -> dict[str,
                     end = info.offset_data
                     continue
                 if unsafe_member(name) or not info.isfile():
-                    raise ShardFormatError(f"{where}: member {name!r} is not a plain file with a safe name")
+                    raise ShardFormatError(f"{where}: member {name!r} is not a plain file with a safe name",
+                                           "unsafe_member")
                 if split_member(name)[0] != key:
                     raise ShardFormatError(f"{where}: holds member {name!r}, not one of {key!r} "
                                            "(the tar disagrees with its manifest)")
                 if info.size > MAX_MEMBER_BYTES or info.offset_data + info.size > len(chunk):
                     raise ShardFormatError(f"{where}: member {name!r} announces {info.size} bytes; the sample "
-                                           f"holds {len(chunk)}")
+                                           f"holds {len(chunk)}", "too_large")
                 members[split_member(name)[1]] = tar.extractfile(info).read()
                 end = info.offset_data + -(-info.size // TAR_BLOCK) * TAR_BLOCK
     except tarfile.TarError as err:
@@ -288,14 +329,40 @@ def sample_metadata(members: dict[str, bytes], where: str, captions: int) -> dic
     try:
         meta = json.loads(members["json"])
     except KeyError:
-        raise ShardFormatError(f"{where}: no .json member") from None
+        raise ShardFormatError(f"{where}: no .json member", "bad_captions") from None
     except (ValueError, RecursionError) as err:  # RecursionError: nested past the parser's depth
-        raise ShardFormatError(f"{where}: its .json member is not JSON ({type(err).__name__}: {str(err)[:200]})") \
-            from None
+        raise ShardFormatError(f"{where}: its .json member is not JSON ({type(err).__name__}: {str(err)[:200]})",
+                               "bad_captions") from None
     texts = meta.get("captions") if isinstance(meta, dict) else None
     if not (isinstance(texts, list) and len(texts) == captions and all(isinstance(t, str) for t in texts)):
-        raise ShardFormatError(f"{where}: its .json member does not hold the {captions} captions the manifest lists")
+        raise ShardFormatError(f"{where}: its .json member does not hold the {captions} captions the manifest lists",
+                               "bad_captions")
     return meta
+
+
+def sample_content(members: dict[str, bytes], sample: dict, indexed: bool,
+                   where: str) -> tuple[bytes, list[str], list | None, bytes | None]:
+    """What a listed sample gives the loader: (image bytes, captions, caption targets or None,
+    second image or None). The sharding job's sample: its KEY.json holds the listed captions;
+    an indexed one (img2dataset's layout): KEY.txt or KEY.json's caption. A missing caption is a
+    ShardFormatError naming `where`; a missing or broken image is b"" or bytes the decoder refuses."""
+    if not indexed:
+        meta = sample_metadata(members, where, sample["captions"])
+        return members.get("jpg", b""), meta["captions"], meta.get("targets"), members.get("right.jpg")
+    try:
+        caption = caption_of(members)
+    except ValueError:  # KEY.txt not UTF-8
+        raise ShardFormatError(f"{where}: its KEY.txt is not UTF-8", "bad_captions") from None
+    if caption is None:
+        raise ShardFormatError(f"{where}: no caption (KEY.txt or KEY.json's)", "bad_captions")
+    image = image_member(members)
+    return (members[image] if image else b""), [caption], None, None
+
+
+class _ShortRead(EOFError):
+    def __init__(self, missing: int, size: int, chunk: bool) -> None:
+        super().__init__(f"unexpected end of data: {missing} of {size} bytes missing")
+        self.missing, self.chunk = missing, chunk
 
 
 def _read_exactly(stream: BinaryIO, size: int, discard: bool = False) -> bytes:
@@ -304,7 +371,7 @@ def _read_exactly(stream: BinaryIO, size: int, discard: bool = False) -> bytes:
     while left > 0:
         data = stream.read(min(left, 1 << 20))
         if not data:
-            raise EOFError(f"unexpected end of data: {left} of {size} bytes missing")
+            raise _ShortRead(left, size, chunk=not discard)
         left -= len(data)
         if not discard:
             parts.append(data)

@@ -1,5 +1,5 @@
 """Checkpoints: DeepSpeed's own save/load plus our client state, a completion marker, keep-last-K.
-(About 350 lines: the Checkpointer and the file-level functions it orchestrates
+(About 400 lines: the Checkpointer and the file-level functions it orchestrates
 (save, mirror push/pull, elastic load) change together.)
 
     checkpointer = Checkpointer(cfg.checkpoint, dist_info, resume="auto", seed=cfg.train.seed)
@@ -13,7 +13,8 @@
     checkpoints/step00000100/complete.json      written by rank 0 after every rank has saved
 
 `--resume auto` takes the newest folder with complete.json, so a checkpoint cut off
-mid-write is never taken. Our state is JSON. DeepSpeed's .pt files are pickles, read
+mid-write is never taken. A folder belongs to one run: a run without `--resume` refuses one
+that holds complete checkpoints, and keep-last never prunes one newer than the step it saved. Our state is JSON. DeepSpeed's .pt files are pickles, read
 weights-only (safe_load.py: tensors, containers and the few DeepSpeed records they hold), by
 resume, the elastic resume, from_pretrained, export and task.init alike: a file that asks for
 anything else is refused by name, and nothing of it runs.
@@ -74,6 +75,22 @@ def complete_tags(root: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / COMPLETE).is_file())
 
 
+def up_to(tags: list[str], step: int) -> list[str]:
+    """The tags of `step` and before, oldest first: what keep-last may prune. A newer checkpoint
+    is never this run's to remove (a fresh run refuses a used folder; this is the second guard)."""
+    return sorted((t for t in tags if TAG.fullmatch(t) and int(t[4:]) <= step), key=lambda t: int(t[4:]))
+
+
+def refuse_used_folder(root: str | Path) -> None:
+    """A fresh run (no --resume) must not save into, and prune, another run's checkpoints; every
+    rank checks its own disk (node-local folders) and every rank refuses together."""
+    held = sorted({tag for tags in distributed.gather_objects(complete_tags(root)) for tag in tags})
+    if held:
+        raise ValueError(f"checkpoint.dir {root} holds another run's checkpoints ({', '.join(held[-3:])}); "
+                         f"continue that run with --resume auto, or give this one a new folder "
+                         f"(--checkpoint.dir=NEW)")
+
+
 def save(engine, root: str | Path, step: int, client_state: dict, keep_last: int, is_main: bool) -> Path:
     """Every rank calls this; returns the checkpoint folder.
 
@@ -95,7 +112,7 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep_last: int
         (root / tag / CLIENT_STATE).write_text(json.dumps(client_state))
         (root / tag / COMPLETE).write_text(json.dumps({"step": step, "epoch": client_state.get("epoch"),
                                                        "world_size": dist.get_world_size()}))
-        for old in complete_tags(root)[:-keep_last]:
+        for old in up_to(complete_tags(root), step)[:-keep_last]:
             _remove(root / old)
     dist.barrier()
     return root / tag
@@ -163,7 +180,7 @@ def push(root: str | Path, tag: str, mirror: str, keep_last: int) -> None:
         if rank != 0:
             return
         store.upload_file(f"{tag}/{COMPLETE}", str(folder / COMPLETE))  # last: the copy is whole
-        old = set(mirrored_tags(store)[:-keep_last])
+        old = set(up_to(mirrored_tags(store), int(tag[4:]))[:-keep_last])
         names = [n for n in store.list() if n.split("/")[0] in old]
         for name in sorted(names, key=lambda n: not n.endswith(COMPLETE)):  # marker first
             store.delete(name)
@@ -277,6 +294,8 @@ class Checkpointer:
                 open_storage(cfg.mirror).check_writable()  # a missing bucket: before any step
             if resume == "auto":
                 pull_newest(cfg.dir, cfg.mirror, dist_info.local_rank)
+        if not resume:
+            refuse_used_folder(cfg.dir)
         self.found = resolve(resume, cfg.dir)
         self.client = read_client_state(*self.found) if self.found else None
         # A checkpoint of another number of ranks: ZeRO's optimizer partitions do not fit

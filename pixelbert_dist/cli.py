@@ -6,6 +6,11 @@
 `pretrain.py` and `finetune.py` are `__main__` modules over `main(argv, job)`. Under
 `--launcher ray` this process starts Ray Train and hands it `run_job` itself
 (ray_launcher.py); each worker calls it with `launcher="ray"`.
+
+A run that cannot go on (its data past the damage bound, a lost rank, an object store that
+stays down) ends with one line on stderr saying why and where, its traceback in the log at
+debug level; any other error with its traceback. Either way the process leaves at once
+(distributed.finish): no teardown waits on loader workers or on ranks that are gone.
 """
 
 from __future__ import annotations
@@ -76,19 +81,38 @@ def run_job(job: str, config: str, overrides: tuple[str, ...], resume: str | Non
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    info = distributed.init(launcher)
+    info = distributed.init(launcher, cfg.train.collective_timeout_s)
+    from pixelbert_dist.data.loader import DataDamageError
     from pixelbert_dist.jobs import job_spec  # after init: DeepSpeed reads DS_ACCELERATOR on import
     from pixelbert_dist.train import Trainer
 
+    log = logging.getLogger(f"pixelbert_dist.{job}")
     try:
         trainer = Trainer(job_spec(cfg), cfg, info, resume)
     except (ConfigError, StorageError, FileNotFoundError, ValueError) as err:
-        logging.getLogger(f"pixelbert_dist.{job}").error("%s", redact(str(err)))  # may quote a URL
+        log.error("%s", redact(str(err)))  # may quote a URL
         return 2
-    metrics = trainer.train()
+    try:
+        metrics = trainer.train()
+    except (DataDamageError, distributed.PeerLost, StorageError, OSError) as err:
+        log.debug("the run stopped:", exc_info=True)
+        print(f"error: {redact(_one_line(err))}", file=sys.stderr, flush=True)
+        return 1
+    except Exception:  # noqa: BLE001 - a bug: its traceback, then the same prompt exit
+        log.exception("the run failed at step %d", trainer.step)
+        return 1
     if info.is_main:
         print(f"done at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line; a loader worker's (torch re-raises it with the worker's
+    traceback in the message) is its last line."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        return f"in a loader worker: {text.splitlines()[-1]}"
+    return " ".join(text.split())
 
 
 def entry_point(job: str, usage: str | None) -> None:

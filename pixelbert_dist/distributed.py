@@ -5,11 +5,17 @@ Train sets them too (its TorchTrainer has already made the group). One process w
 them is a world of one. CPU-only machines use gloo; on GPUs, CUDA tensors go over NCCL and
 CPU tensors (the per-step "does every rank have a batch" vote, gathered Python objects) over
 gloo, so those small collectives never wait for the GPU.
+
+A rank waits at most `train.collective_timeout_s` for the others in any one collective (gloo's
+and NCCL's default is 30 minutes): a node that vanishes without closing its sockets (a link
+down, a kernel panic) is found in that time, and each surviving rank stops with `PeerLost`.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -41,10 +47,16 @@ def detect_launcher() -> str:
     return "single"
 
 
-def init(launcher: str | None = None) -> DistInfo:
-    """Join (or make) the process group; DeepSpeed's init reuses one that exists.
+class PeerLost(RuntimeError):
+    """Another rank stopped answering (a collective timed out) or left (its connection closed)."""
+
+
+def init(launcher: str | None = None, timeout_s: float = 300.0) -> DistInfo:
+    """Join (or make) the process group; DeepSpeed's init reuses one that exists (Ray Train's,
+    with Ray's own timeout).
 
     `launcher`: who started us, when the environment cannot tell (Ray Train's workers).
+    `timeout_s`: the longest wait in one collective (train.collective_timeout_s).
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
@@ -61,15 +73,35 @@ def init(launcher: str | None = None) -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "cpu:gloo,cuda:nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend)  # wraps a group Ray Train already made
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher)
 
 
-def all_agree(flag: bool) -> bool:
-    """True only if every rank says True: ranks stop an epoch together and never hang."""
-    value = torch.tensor([1 if flag else 0])
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+def agree_and_sum(flag: bool, count: int) -> tuple[bool, int]:
+    """(every rank says True, the sum of every rank's `count`), in one collective: ranks stop an
+    epoch together and never hang."""
+    values = torch.tensor([0 if flag else 1, count], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values[0].item() == 0, int(values[1].item())
+
+
+# what gloo and NCCL say when a peer is gone: a collective timed out, or the connection closed
+_LOST = re.compile(r"timed out|timeout|connection (closed|reset)|broken pipe|socket closed|watchdog",
+                   re.IGNORECASE)
+
+
+def lost_peer(err: BaseException, where: str) -> PeerLost | None:
+    """A PeerLost naming `where` (the step, and what it was doing) if `err` is a collective's
+    report of a rank that timed out or left; None for any other error."""
+    distributed_error = isinstance(err, getattr(dist, "DistError", ())) or type(err) is RuntimeError
+    if not (distributed_error and _LOST.search(str(err))):
+        return None
+    said = next((line.strip() for line in str(err).splitlines() if _LOST.search(line)), str(err))
+    said = re.sub(r"^\[[^\]]*\]\s*", "", said)  # gloo's [source file:line] prefix
+    return PeerLost(f"rank {dist.get_rank() if dist.is_initialized() else 0}: lost the other ranks during {where}: "
+                    f"{said} (a rank failed, or a node is lost or hung; train.collective_timeout_s bounds the "
+                    "wait). `--resume auto` continues from the last checkpoint")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -91,9 +123,11 @@ def finish(exit_code: int = 0) -> None:
     """Barrier, destroy the group, flush, and leave without interpreter teardown.
 
     gloo can abort in its destructors at interpreter exit (about 1 run in 15 here) after
-    all work is done; exiting this way lets launchers see the real exit code.
+    all work is done; exiting this way lets launchers see the real exit code. After a failure
+    (a non-zero code) nothing waits: the other ranks may be gone, or stuck in another collective,
+    and the loader's workers notice their parent is gone by themselves.
     """
-    if dist.is_initialized():
+    if dist.is_initialized() and exit_code == 0:
         try:
             dist.barrier()
             dist.destroy_process_group()

@@ -6,7 +6,8 @@
 Weights are consolidated by DeepSpeed's own zero-to-fp32 (any ZeRO stage); `config.json`
 holds the run config the checkpoint was trained with, so the model rebuilds without it. The
 folder is `PixelBert.save_pretrained`'s (pretrained.py); the run's tokenizer goes with it when
-it is found (pretrained.find_tokenizer).
+it is found (pretrained.find_tokenizer). A fine-tuning checkpoint exports its task model, head
+included (tasks/base.py; VQA's answers as answers.json): load_exported returns a PixelBertForVQA, ...
 """
 
 from __future__ import annotations
@@ -17,18 +18,23 @@ from pathlib import Path
 
 from pixelbert_dist import checkpoint
 from pixelbert_dist.model import PixelBert
-from pixelbert_dist.pretrained import CONFIG, WEIGHTS  # noqa: F401  (this module's names for the files)
+from pixelbert_dist.pretrained import CONFIG, WEIGHTS, fine_tuned  # noqa: F401  (CONFIG: this module's name)
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     source = Path(checkpoint_dir)
     if not (source / checkpoint.COMPLETE).is_file():
         raise FileNotFoundError(f"{source} is not a complete checkpoint (no {checkpoint.COMPLETE})")
-    return PixelBert.from_pretrained(source).save_pretrained(out_dir)
+    return load_exported(source).save_pretrained(out_dir)
 
 
-def load_exported(path: str | Path) -> PixelBert:
-    """The exported model in eval mode, with its tokenizer when the folder has one."""
+def load_exported(path: str | Path):
+    """The exported model in eval mode, with its tokenizer when the folder has one: a PixelBert,
+    or for a fine-tuned one its task model (PixelBertForVQA, ...: body and head)."""
+    if fine_tuned(Path(path)):
+        from pixelbert_dist import tasks
+
+        return tasks.from_pretrained(path)
     return PixelBert.from_pretrained(path)
 
 

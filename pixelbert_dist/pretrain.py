@@ -1,6 +1,7 @@
 """Pre-train Pixel-BERT.
 
-    # one process
+    # one process; the tiny config's vocab is trained on the captions first (or set --data.tokenizer)
+    python -m pixelbert_dist.tokenizer --captions data/synthetic/annotations/captions.json --out data/synthetic
     python -m pixelbert_dist.pretrain --config configs/pretrain/tiny-cpu.yaml --data.train_manifest=data/shards
     # 2 processes on this machine
     torchrun --nproc_per_node 2 -m pixelbert_dist.pretrain --config ... [--section.key=value ...]

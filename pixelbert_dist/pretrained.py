@@ -31,7 +31,7 @@ from pixelbert_dist.config import DataConfig, ModelConfig
 from pixelbert_dist.data.batch import image_rows, resized_size
 from pixelbert_dist.data.types import TOKEN_STRIDE, PretrainBatch, pad_images
 from pixelbert_dist.evaluate import inference_context
-from pixelbert_dist.tokenizer import encode_captions, load_tokenizer
+from pixelbert_dist.tokenizer import SPECIAL_TOKENS, encode_captions, load_tokenizer
 
 log = logging.getLogger("pixelbert_dist.pretrained")
 
@@ -101,30 +101,56 @@ def _image_key(image: ImageInput) -> str:
     return f"path:{Path(image).resolve()}" if isinstance(image, (str, Path)) else f"object:{id(image)}"
 
 
-def find_tokenizer(path: Path, run_config: dict, is_checkpoint: bool) -> PreTrainedTokenizerBase | None:
-    """The tokenizer of a model folder: its own files, else the run's `data.tokenizer` (a path from
-    the working directory or, for a checkpoint, from the run's, or a hub name in the local cache).
-    Never the network."""
-    if (path / "vocab.txt").is_file() or (path / "tokenizer_config.json").is_file():  # export's, save_pretrained's
-        return load_tokenizer(str(path))
-    name = run_config.get("data", {}).get("tokenizer", "")
-    if not name:
-        return None
-    written = Path(name)
-    places = [written]  # absolute, or from the working directory
+def run_places(path: Path, run_config: dict, is_checkpoint: bool, written: str) -> list[Path]:
+    """Where a path the run config names may be: as written (absolute, or from the working
+    directory) and, for a checkpoint, from the run's working directory."""
+    places = [Path(written)]
     checkpoint_dir = Path(run_config.get("checkpoint", {}).get("dir", ""))
-    if is_checkpoint and not written.is_absolute() and not checkpoint_dir.is_absolute():
+    if is_checkpoint and not Path(written).is_absolute() and not checkpoint_dir.is_absolute():
         run_dir = path.resolve().parent  # the run's working directory: the root minus checkpoint.dir
         for _ in checkpoint_dir.parts:
             run_dir = run_dir.parent
         places.append(run_dir / written)
-    for place in places:
-        if place.is_file() or (place / "vocab.txt").is_file():
-            return load_tokenizer(str(place))
-    try:
-        return BertTokenizer.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
+    return places
+
+
+def tokenizer_source(path: Path, run_config: dict, is_checkpoint: bool) -> str | None:
+    """Where the tokenizer of a model folder is, as load_tokenizer takes it: its own files, else the
+    run's `data.tokenizer` (a path from the working directory or, for a checkpoint, from the run's,
+    or a hub name in the local cache). Never the network."""
+    if (path / "vocab.txt").is_file() or (path / "tokenizer_config.json").is_file():  # export's, save_pretrained's
+        return str(path)
+    name = run_config.get("data", {}).get("tokenizer", "")
+    if not name:
         return None
+    for place in run_places(path, run_config, is_checkpoint, name):
+        if place.is_file() or (place / "vocab.txt").is_file():
+            return str(place)
+    try:  # a hub name: only when the cache holds it (transformers answers 5 special tokens if not)
+        if len(BertTokenizer.from_pretrained(name, local_files_only=True)) > len(SPECIAL_TOKENS):
+            return name
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def find_tokenizer(path: Path, run_config: dict, is_checkpoint: bool) -> PreTrainedTokenizerBase | None:
+    """The tokenizer tokenizer_source finds, loaded; None where there is none."""
+    source = tokenizer_source(path, run_config, is_checkpoint)
+    return load_tokenizer(source) if source is not None else None
+
+
+def fine_tuned(path: Path) -> str | None:
+    """The task of a fine-tuned model folder or checkpoint (its weights: body.* + head.*); None for
+    a pre-trained Pixel-BERT. A checkpoint says so by its run config's task section."""
+    from safetensors import safe_open
+
+    run_config, is_checkpoint = read_run_config(path)
+    if is_checkpoint:
+        return run_config.get("task", {}).get("name")
+    with safe_open(str(path / WEIGHTS), framework="pt") as weights:
+        is_task = any(key.startswith("body.") for key in weights.keys())
+    return run_config.get("task", {}).get("name", "task") if is_task else None
 
 
 def read_run_config(path: Path) -> tuple[dict, bool]:
@@ -173,6 +199,10 @@ class PretrainedMixin:
         """
         path = Path(path)
         run_config, is_checkpoint = read_run_config(path)
+        task = fine_tuned(path)
+        if task:
+            raise ValueError(f"{path} holds a fine-tuned {task} model (body and head): "
+                             f"load it with pixelbert_dist.export.load_exported({str(path)!r})")
         # the weights come from the folder: never fetch BERT's or ImageNet's
         model = cls(ModelConfig(**{**run_config["model"], "text_weights": "none", "backbone_weights": "none"}))
         load_weights(model, path, is_checkpoint)

@@ -20,8 +20,9 @@ def resolve(cfg: PretrainConfig, tokenizer) -> ResolvedRun:
     if model.vocab_size == 0:  # 0: the tokenizer's size
         model = dataclasses.replace(model, vocab_size=len(tokenizer))
     if len(tokenizer) != model.vocab_size:
-        raise ConfigError(f"model.vocab_size is {model.vocab_size} but the tokenizer "
-                          f"{cfg.data.tokenizer} has {len(tokenizer)} entries")
+        raise ConfigError(f"model.vocab_size is {model.vocab_size} but the tokenizer {cfg.data.tokenizer} has "
+                          f"{len(tokenizer)} entries: set --model.vocab_size=0 (the tokenizer's size), or "
+                          f"--data.tokenizer to the vocab of {model.vocab_size} entries")
     return ResolvedRun(dataclasses.replace(cfg, model=model), tokenizer)
 
 

@@ -28,7 +28,7 @@ class ResolvedRun:
     cfg: PretrainConfig
     """The run config with derived values resolved (a FinetuneConfig for a task)."""
     tokenizer: PreTrainedTokenizerBase
-    """data.tokenizer, loaded."""
+    """The run's tokenizer, loaded from cfg.data.tokenizer (which says where it is)."""
     answers: tuple[str, ...] = ()
     """VQA's answer vocabulary, in the order of the head's outputs."""
 
@@ -55,3 +55,11 @@ class JobSpec:
     """Fields of the model's output averaged into the training metrics."""
     eval_images: Callable[[PretrainConfig], int] = lambda cfg: 0
     """How many held-out images to evaluate on (0: all)."""
+    tokenizer: Callable[[PretrainConfig], PreTrainedTokenizerBase] = lambda cfg: data_tokenizer(cfg)
+    """Config -> the tokenizer `resolve` takes: data.tokenizer's (a task: its pre-trained model's)."""
+
+
+def data_tokenizer(cfg: PretrainConfig) -> PreTrainedTokenizerBase:
+    from pixelbert_dist.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.data.tokenizer)

@@ -10,28 +10,86 @@ import torch
 from torch import Tensor
 from transformers import BertTokenizer, PreTrainedTokenizerBase
 
+from pixelbert_dist.config.errors import ConfigError
 from pixelbert_dist.targets import SpecialTokens
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+MAKE_ONE = "python -m pixelbert_dist.tokenizer --captions CAPTIONS.json --out DIR (then --data.tokenizer=DIR)"
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """A hub name (`bert-base-uncased`), a folder with vocab.txt, or a vocab.txt file."""
+    """A hub name (`bert-base-uncased`), a folder with vocab.txt, or a vocab.txt file.
+
+    One that cannot be loaded is a ConfigError naming what was tried and how to get one; never
+    the 5-entry tokenizer transformers returns for a vocab it did not find (every word [UNK]).
+    """
     path = Path(name_or_path)
     vocab_file = path / "vocab.txt" if path.is_dir() else path
     if vocab_file.is_file():
         missing = set(SPECIAL_TOKENS) - set(vocab_file.read_text(encoding="utf-8").split())
         if missing:
             # BertTokenizer would quietly append them, leaving a vocab that matches no model.
-            raise ValueError(f"{vocab_file}: lacks BERT's special tokens {sorted(missing)}; "
-                             f"is it a WordPiece vocab.txt?")
+            raise ConfigError(f"{vocab_file}: lacks BERT's special tokens {sorted(missing)}; "
+                              f"is it a WordPiece vocab.txt?")
     if path.is_file():
         # transformers 5 silently ignores BertTokenizer(vocab_file=...) and maps every
         # word to [UNK]; `vocab=` is the form that reads the file.
         tokenizer = BertTokenizer(vocab=str(path), do_lower_case=True)
+    elif path.is_dir():
+        if not any((path / name).is_file() for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json")):
+            raise ConfigError(f"tokenizer {name_or_path}: the folder has no vocab.txt; make one with {MAKE_ONE}")
+        tokenizer = BertTokenizer.from_pretrained(str(path))
+    elif path.suffix or len(path.parts) > 2 or name_or_path.startswith((".", "/", "~")):
+        raise ConfigError(f"tokenizer {name_or_path}: no such file or folder (from {Path.cwd()}); "
+                          f"make one with {MAKE_ONE}")
     else:
-        tokenizer = BertTokenizer.from_pretrained(name_or_path)
+        tokenizer = _from_hub(name_or_path)
+    if len(tokenizer) <= len(SPECIAL_TOKENS):
+        raise ConfigError(f"tokenizer {name_or_path}: loaded with only its {len(tokenizer)} special tokens "
+                          f"(every word would be [UNK]); make one with {MAKE_ONE}")
     return tokenizer
+
+
+def _from_hub(name: str) -> PreTrainedTokenizerBase:
+    """From the local hub cache, else the hub when it can be reached: a machine without network
+    is told so at once, not after minutes of retries."""
+    import huggingface_hub.constants as hub
+
+    tried = f"tried: a file or folder {name} (from {Path.cwd()}), the hub cache {hub.HF_HUB_CACHE}"
+    try:
+        tokenizer = BertTokenizer.from_pretrained(name, local_files_only=True)
+        if len(tokenizer) > len(SPECIAL_TOKENS):
+            return tokenizer
+    except (OSError, ValueError):
+        pass
+    if hub.HF_HUB_OFFLINE:
+        raise ConfigError(f"tokenizer {name}: not in the hub cache and HF_HUB_OFFLINE is set ({tried}); "
+                          f"download it where there is network (hf download {name}), "
+                          f"or make one with {MAKE_ONE}")
+    if not _reachable(hub.ENDPOINT):
+        raise ConfigError(f"tokenizer {name}: not in the hub cache and {hub.ENDPOINT} cannot be reached "
+                          f"({tried}); download it where there is network (hf download {name}), "
+                          f"or make one with {MAKE_ONE}")
+    try:
+        return BertTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"tokenizer {name}: {err} ({tried}, then {hub.ENDPOINT}); "
+                          f"make one with {MAKE_ONE}") from None
+
+
+def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def train_wordpiece(captions: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
@@ -39,8 +97,8 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int, out_dir: str | Pat
     from tokenizers import BertWordPieceTokenizer
 
     trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=1,
-                                special_tokens=SPECIAL_TOKENS)
+    trainer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=1,  # no bar: it prints blank lines
+                                special_tokens=SPECIAL_TOKENS, show_progress=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(out_dir))
@@ -86,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m pixelbert_dist.tokenizer",
-                                     description="Train a WordPiece vocab on the captions of a COCO captions file.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pixelbert_dist.tokenizer", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a WordPiece vocab on the captions of a COCO captions file.\n\n"
+                    "    python -m pixelbert_dist.tokenizer --captions data/synthetic/annotations/captions.json "
+                    "--out data/synthetic\n\nthen train with --data.tokenizer=data/synthetic/vocab.txt "
+                    "(configs/pretrain/tiny-cpu.yaml's).")
     parser.add_argument("--captions", required=True, help="COCO-format captions JSON")
     parser.add_argument("--out", required=True, help="folder for vocab.txt")
     parser.add_argument("--vocab-size", type=int, default=1000)

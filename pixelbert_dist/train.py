@@ -6,6 +6,10 @@
 The job spec (spec.py) says what differs between pre-training and a task: config resolution,
 model, batches, FLOPs, evaluation. Every rank runs the same number of steps: the loader plans
 equal shares, and each step all ranks agree that each has a batch before any trains on it.
+The same vote sums the pairs the ranks skipped as damaged this epoch: past
+data.max_skipped_fraction every rank stops with the same line (loader.DataDamageError). A
+collective that times out or loses its peer stops the rank with the step and what it was
+doing (distributed.PeerLost).
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.storage import StorageError
 from pixelbert_dist import distributed, evaluate
 from pixelbert_dist.checkpoint import Checkpointer
 from pixelbert_dist.config import ConfigError, PretrainConfig
 from pixelbert_dist.consolidate import full_state_dict
-from pixelbert_dist.data.loader import StreamingLoader
+from pixelbert_dist.data.loader import StreamingLoader, damage_error
 from pixelbert_dist.data.plan import Manifest
 from pixelbert_dist.data.wire import to_device
 from pixelbert_dist.distributed import DistInfo
@@ -33,7 +38,6 @@ from pixelbert_dist.metrics import StepTimer, device_peak, reset_peak_memory
 from pixelbert_dist.model import prepare_for_training
 from pixelbert_dist.optim import build_lr_schedule, build_optimizer
 from pixelbert_dist.spec import JobSpec
-from pixelbert_dist.tokenizer import load_tokenizer
 from pixelbert_dist.tracking import Tracker, flatten, run_tags
 from pixelbert_dist.training_metrics import TrainingMetrics
 
@@ -44,12 +48,18 @@ class Trainer:
         self.log = logging.getLogger(f"pixelbert_dist.{spec.name}")
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-        self.run = spec.resolve(cfg, load_tokenizer(cfg.data.tokenizer))
+        self.run = spec.resolve(cfg, spec.tokenizer(cfg))
         self.cfg = cfg = self.run.cfg
         self.loader = StreamingLoader(cfg.data.train_manifest, cfg.data, cfg.train.micro_batch_size,
                                       dist_info.rank, dist_info.world_size, cfg.train.seed, cfg.data.num_workers,
                                       cfg.data.open_shards, spec.batch_builder(self.run))
-        self.loader.manifest.check_shards_present()
+        try:
+            self.loader.manifest.check_shards_present()
+        except StorageError as err:  # a shard damaged since its manifest was written costs its pairs, not the run
+            if not cfg.data.max_skipped_fraction:
+                raise
+            self.log.warning("%s: its pairs will be skipped and counted against data.max_skipped_fraction "
+                             "(shards after it are checked as they are read)", err)
         self.eval_manifest = (Manifest(cfg.data.eval_manifest, shard_roots=cfg.data.shard_roots)
                               if cfg.data.eval_manifest else None)
         if self.eval_manifest is not None:  # a missing held-out set: an error now, not at the first evaluation
@@ -83,11 +93,24 @@ class Trainer:
                                        self.log)
         self.eval_pairs = None
         self.pairs_log = None
+        self.doing = "start-up"  # what the loop is doing, for the message if a collective times out
+
+    def _at(self, what: str, step: int | None = None) -> None:
+        self.doing = f"step {self.step + 1 if step is None else step} ({what})"
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, float]:
         """Resume if asked, train to train.epochs (or train.max_steps); the last logged and evaluated metrics."""
+        try:
+            return self._train()
+        except RuntimeError as err:
+            lost = distributed.lost_peer(err, self.doing)
+            if lost is None:
+                raise
+            raise lost from err
+
+    def _train(self) -> dict[str, float]:
         self.checkpointer.load_latest()
         self._start_tracking()
         by_epochs = self.cfg.train.epochs * (self.loader.steps_per_epoch() // self.accumulation)
@@ -98,6 +121,7 @@ class Trainer:
         while self.loader.epoch < self.cfg.train.epochs and not self._done():
             if self._run_epoch():
                 self.loader.next_epoch()
+        self._at("the last checkpoint, evaluation and model", self.step)
         self._save()
         if self.eval_manifest is not None and not self._evaluation_due():
             self.evaluate()
@@ -111,16 +135,24 @@ class Trainer:
         """Steps until the epoch's batches run out on any rank (True) or max_steps (False)."""
         batches, timer = self.loader.epoch_batches(), self.metrics.timer
         while not self._done():
+            self._at("waiting for the loader")
             with timer.phase("data"):  # waiting for the loader; the copy to the device is queued, not waited for
                 item = next(batches, None)
                 if item is not None:
                     batch, info = to_device(item[0], self.dist.device), item[1]
-            if not distributed.all_agree(item is not None):
+            self._at("the vote: does every rank have a batch")
+            every_rank, skipped = distributed.agree_and_sum(item is not None, self.loader.epoch_skipped)
+            if skipped > self.loader.skip_bound():
+                self._stop_for_damage(skipped)
+            if not every_rank:
                 return True
+            self._at("forward")
             with timer.phase("forward"):
                 out = self.engine(batch)
+            self._at("backward and gradient reduction")
             with timer.phase("backward"):  # ZeRO reduces gradients in here
                 self.engine.backward(out.loss)
+            self._at("the optimizer step")
             with timer.phase("optimizer"):
                 self.engine.step()
             self.metrics.record(out, samples=len(info.pairs), images=batch.images.shape[0],
@@ -132,15 +164,24 @@ class Trainer:
                 self._after_step()
         return False
 
+    def _stop_for_damage(self, skipped: int) -> None:
+        """Every rank is here at the same step: each raises the same line, naming every rank's shards."""
+        reports = distributed.gather_objects(self.loader.damaged)
+        raise damage_error(reports, skipped, self.loader.skip_bound(), self.cfg.data.max_skipped_fraction,
+                           self.step + 1, self.loader.epoch)
+
     def _after_step(self) -> None:
+        self._at("logging its metrics", self.step)
         if self.metrics.should_log(self.step, last=self._done()):
             self.last_metrics = self.metrics.log(self.step, counters=self.loader.counters(),
                                                  extra={"epoch": self.loader.epoch, **self._learning_rates()})
         evaluating = self.eval_manifest is not None and self._evaluation_due()
         saving = self.checkpointer.due(self.step)
         if evaluating:
+            self._at("the evaluation after it", self.step)
             self.evaluate()
         if saving:
+            self._at("saving its checkpoint", self.step)
             self._save()
         if evaluating or saving:  # memory_peak_gib is the training steps', not this work's
             reset_peak_memory(self.dist.device)
@@ -165,7 +206,7 @@ class Trainer:
 
     def _log_model(self) -> None:
         """The trained model (fp32 masters, in save_pretrained's layout) as the run's `model`
-        artifact, and registered under tracking.register_model; task models are not logged."""
+        artifact (a task model with its head), and registered under tracking.register_model."""
         tracking = self.cfg.tracking
         if not tracking.log_model or not hasattr(self.engine.module, "save_pretrained"):
             return

@@ -101,6 +101,16 @@ class DataConfig:
     """Resize so the shorter image side is this many pixels."""
     image_long_side: int = 1333
     """...unless that makes the longer side exceed this many pixels."""
+    augment_short_sides: list[int] = field(default_factory=list)
+    """Training augmentation: each image's shorter side drawn from these (multi-scale); image_long_side still caps."""
+    augment_flip: float = 0.0
+    """Training augmentation: chance of a horizontal flip; the text's "left" and "right" swap with it."""
+    augment_color_jitter: float = 0.0
+    """Training augmentation: brightness, contrast and saturation each scaled by a factor in [1 - x, 1 + x]."""
+    augment_randaugment: int = 0
+    """Training augmentation: RandAugment ops per image (ViLT: 2), none that erase or invert colours; 0: off."""
+    augment_randaugment_magnitude: int = 9
+    """Strength of those ops, 0-30 (torchvision's scale; ViLT: 9)."""
     mlm_probability: float = 0.15
     """Fraction of caption tokens selected for masked language modelling."""
     itm_negative_fraction: float = 0.5
@@ -117,6 +127,8 @@ class DataConfig:
     """Pad a batch's height and width up to a multiple of this (of 64); 128: fewer shapes, more padding."""
     shard_roots: list[str] = field(default_factory=list)
     """Folders or s3:// prefixes an index manifest's tar urls may also lie in (another bucket, say)."""
+    max_skipped_fraction: float = 0.001
+    """Damaged or undecodable pairs an epoch may skip, as a fraction of its pairs, before the run stops (0: none)."""
 
     def __post_init__(self) -> None:
         _require(not (self.train_manifest and self.mixture), "data: give train_manifest or mixture, not both")
@@ -139,6 +151,18 @@ class DataConfig:
                  f"got {self.pad_multiple}")
         _require(self.captions_per_image >= 1,
                  f"data.captions_per_image must be >= 1, got {self.captions_per_image}")
+        _require(0.0 <= self.max_skipped_fraction <= 1.0,
+                 f"data.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
+        _require(all(0 < side <= self.image_long_side for side in self.augment_short_sides),
+                 f"data.augment_short_sides must be in (0, data.image_long_side={self.image_long_side}], "
+                 f"got {self.augment_short_sides}")
+        _require(0.0 <= self.augment_flip <= 1.0, f"data.augment_flip must be in [0, 1], got {self.augment_flip}")
+        _require(0.0 <= self.augment_color_jitter < 1.0,
+                 f"data.augment_color_jitter must be in [0, 1), got {self.augment_color_jitter}")
+        _require(0 <= self.augment_randaugment <= 4,
+                 f"data.augment_randaugment must be 0-4 ops per image, got {self.augment_randaugment}")
+        _require(0 <= self.augment_randaugment_magnitude <= 30,
+                 f"data.augment_randaugment_magnitude must be 0-30, got {self.augment_randaugment_magnitude}")
 
 
 @dataclass
@@ -204,6 +228,8 @@ class TrainConfig:
     """Optimizer steps between evaluations on data.eval_manifest (0: at the end only, if it is set)."""
     eval_images: int = 100
     """Pre-training: images of data.eval_manifest (with all their captions) in the zero-shot retrieval."""
+    collective_timeout_s: float = 300.0
+    """Seconds a rank waits for the others in one collective before it stops (a node lost, sockets left open)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
@@ -215,6 +241,8 @@ class TrainConfig:
         _require(self.log_every > 0, f"train.log_every must be positive, got {self.log_every}")
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.eval_images > 1, f"train.eval_images must be > 1, got {self.eval_images}")
+        _require(self.collective_timeout_s > 0,
+                 f"train.collective_timeout_s must be positive, got {self.collective_timeout_s}")
 
 
 @dataclass

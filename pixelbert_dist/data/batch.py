@@ -1,8 +1,9 @@
 """Stages 4-5 of the loader: decode and resize images on the CPU; tokenize, mask, batch.
 
-`BatchBuilder(pairs, images, generator)` takes images decoded on the CPU (`image`);
-`targets(pairs, generator)` makes the same batch without them, for DALI (data/decode.py
-says which of the two a loader uses).
+`BatchBuilder(pairs, images, generator)` takes images decoded on the CPU (`image`, augmented
+when given a draw: data/augment.py); `targets(pairs, generator)` makes the same batch without
+them, for DALI (data/decode.py says which of the two a loader uses). `mirror(pair)` is the
+pair of a flipped image: its caption's "left" and "right" swapped.
 
 Resize rule (the paper's): scale so the shorter side is S, unless the longer side would
 exceed L; then pad into one uint8 batch with pixel masks. The model normalizes on its device.
@@ -10,6 +11,7 @@ exceed L; then pad into one uint8 batch with pixel masks. The model normalizes o
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections import OrderedDict
 
@@ -19,6 +21,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from pixelbert_dist.config import DataConfig
+from pixelbert_dist.data.augment import Draw, apply, mirror_text
 from pixelbert_dist.data.stream import Pair
 from pixelbert_dist.data.types import IGNORE_INDEX, PretrainBatch, pad_images
 from pixelbert_dist.targets import itm_caption_assignment, mask_tokens
@@ -54,15 +57,22 @@ class BatchBuilder:
     def __init__(self, tokenizer, cfg: DataConfig) -> None:
         self.tokenizer, self.cfg = tokenizer, cfg
         self.special = special_tokens(tokenizer)
-        self._decoded: OrderedDict[str, Tensor] = OrderedDict()  # consecutive pairs share images
+        self._decoded: OrderedDict[tuple, Tensor] = OrderedDict()  # consecutive pairs share images
         self.truncated = 0
 
-    def image(self, pair: Pair) -> Tensor:
-        if pair.key not in self._decoded:
-            self._decoded[pair.key] = decode_resize(pair.jpeg, self.cfg.image_short_side, self.cfg.image_long_side)
+    def image(self, pair: Pair, draw: Draw | None = None) -> Tensor:
+        """The pair's image, resized; augmented by `draw` in training (evaluation gives none)."""
+        if (pair.key, draw) not in self._decoded:
+            short = draw.short_side if draw else self.cfg.image_short_side
+            image = apply(decode_resize(pair.jpeg, short, self.cfg.image_long_side), draw)
+            self._decoded[pair.key, draw] = image
             while len(self._decoded) > 64:
                 self._decoded.popitem(last=False)
-        return self._decoded[pair.key]
+        return self._decoded[pair.key, draw]
+
+    def mirror(self, pair: Pair) -> Pair:
+        """The pair as it reads of its horizontally flipped image."""
+        return dataclasses.replace(pair, caption=mirror_text(pair.caption))
 
     def __call__(self, pairs: list[Pair], images: list[Tensor], generator: torch.Generator) -> PretrainBatch:
         """The batch of `pairs`, each with its decoded (3, h, w) uint8 image (`image`), padded."""

@@ -10,6 +10,11 @@ A batch carries the pair ranges it used up, bad samples included, and the state 
 only when a batch reaches the trainer, so prefetched batches are never counted. The state
 of all ranks merged (`merge_states`) resumes exactly, on any number of ranks or workers.
 
+Damaged data is skipped, not fatal (stream.py): each skipped pair is counted by reason
+(`counters()`: data/skipped/<reason>), the first in each shard logged with shard, sample and
+offset. The trainer stops the run, by `DataDamageError`, when an epoch skips more than
+data.max_skipped_fraction of its pairs (`skip_bound`).
+
 A worker's stages (`_PairBatches.__iter__`, data/stages.py): plan -> read pairs -> decode ->
 group into batches -> targets -> wire format. Where images are decoded, PIL in the worker or
 DALI in the training process, is chosen once, by name (data/decode.py). A batch crosses from
@@ -20,6 +25,8 @@ training process receives it while the model computes (prefetch.py).
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -33,9 +40,12 @@ from pixelbert_dist.data.mixture import Mixture
 from pixelbert_dist.data.plan import Manifest, Segment, merge_ranges, remaining_segments, split_even
 from pixelbert_dist.data.prefetch import in_background
 from pixelbert_dist.data.stages import group_batches, make_batches, pipeline, plan_worker, read_pairs
-from pixelbert_dist.data.types import BatchInfo, PretrainBatch
+from pixelbert_dist.data.stream import SKIP_REASONS
+from pixelbert_dist.data.types import BatchInfo, PretrainBatch, Skipped
 from pixelbert_dist.data.wire import from_wire, to_wire
 from pixelbert_dist.tokenizer import load_tokenizer
+
+log = logging.getLogger("pixelbert_dist.data")
 
 
 class _PairBatches(IterableDataset):
@@ -58,7 +68,7 @@ class _PairBatches(IterableDataset):
         stages = [
             read_pairs(loader.manifest, plan),
             # -> Pair: this worker's pairs in its seeded order, still encoded, the consumed prefix skipped
-            partial(decoder.decode, builder=builder),
+            partial(decoder.decode, builder=builder, seed=loader.seed, epoch=loader.epoch),
             # -> (Pair, image): decoded on the CPU, or its JPEG bytes for DALI; None if it did not decode
             partial(group_batches, size=loader.batch_size),
             # -> Group: batch_size pairs with images, and every pair read for them (skipped ones too)
@@ -67,13 +77,45 @@ class _PairBatches(IterableDataset):
             #    images padded (cpu) or still None with info.jpegs set (dali)
         ]
         if worker_info is not None:  # only a worker's batch crosses a process boundary; in process it stays as is
-            stages.append(partial(map, to_wire))
+            stages.append(partial(map, _to_wire))
             # -> ((batch type, fields), BatchInfo): the images in shared memory, the rest by value
         yield from pipeline(*stages)
 
 
 def _as_made(item):
     return item
+
+
+def _to_wire(item: tuple) -> tuple:
+    return item if item[0] is None else to_wire(item)  # (None, info): a worker's count of its last skips
+
+
+def _from_wire(item: tuple) -> tuple:
+    return item if item[0] is None else from_wire(item)
+
+
+# the start method DataLoader would use (the platform's default unless one was set), named
+# without setting it: get_context() alone would fix the default for the whole process
+_START_METHOD = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+WORKER_JOIN_S = 0.1
+
+
+class _WorkerProcess(multiprocessing.get_context(_START_METHOD).Process):
+    """A loader worker that torch's shutdown waits for at most WORKER_JOIN_S. torch joins each
+    worker for up to 5 s (MP_STATUS_CHECK_INTERVAL) while it finishes, or hangs in, the batch it
+    is making, then terminates it and joins for 5 s more: ~10 s after a worker's error, before
+    the process can leave. Nothing a worker is still making is wanted once the epoch is over."""
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout if timeout is None else min(timeout, WORKER_JOIN_S))
+
+
+class _WorkerContext(type(multiprocessing.get_context(_START_METHOD))):
+    Process = _WorkerProcess
+
+
+class DataDamageError(RuntimeError):
+    """An epoch skipped more pairs than data.max_skipped_fraction allows; one line names the shards."""
 
 
 class StreamingLoader:
@@ -104,6 +146,10 @@ class StreamingLoader:
         self.plan_layout = [world_size, self.num_workers_or_one]
         self.plan_step = 0  # batches handed out since the plan was made (the same on every rank)
         self.skipped = 0
+        self.skipped_by: Counter[str] = Counter()  # of `skipped`, per stream.SKIP_REASONS entry
+        self.epoch_skipped = 0  # this epoch's, against data.max_skipped_fraction
+        self.damaged: dict[str, dict] = {}  # this epoch, this rank: shard -> {pairs, reasons, first error}
+        self._bound: tuple[int, int] | None = None  # (epoch, skip_bound)
         self.truncated = 0
         self.pairs_by_dataset: Counter[str] = Counter()  # a mixture's pairs consumed, per dataset, in all
 
@@ -126,8 +172,16 @@ class StreamingLoader:
         """What the loader counted, as the trainer logs it (summed over ranks): every rank gives
         the same names, one per dataset of a mixture."""
         datasets = getattr(self.manifest, "datasets", {})
-        return {"skipped_samples": self.skipped, **{f"data/pairs/{name}": self.pairs_by_dataset[name]
-                                                    for name in datasets}}
+        return {"skipped_samples": self.skipped,
+                **{f"data/skipped/{reason}": self.skipped_by[reason] for reason in SKIP_REASONS},
+                **{f"data/pairs/{name}": self.pairs_by_dataset[name] for name in datasets}}
+
+    def skip_bound(self) -> int:
+        """Pairs this epoch may skip, on all ranks together, before the run stops."""
+        if self._bound is None or self._bound[0] != self.epoch:  # asked every step: counted once an epoch
+            pairs = sum(map(self.manifest.num_pairs, self.manifest.shard_names(self.epoch)))
+            self._bound = (self.epoch, int(self.cfg.max_skipped_fraction * pairs))
+        return self._bound[1]
 
     def steps_per_epoch(self) -> int:
         """Full batches every rank can make from this epoch's plan (all ranks agree)."""
@@ -146,37 +200,62 @@ class StreamingLoader:
         dataset = _PairBatches(self, parts, tag)
         # collate_fn: as made; the default would turn to_wire's arrays back into shared tensors
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_made,
-                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+                            multiprocessing_context=_WorkerContext() if self.num_workers else None)
         # Both stop with this generator: the thread when `received` is closed, the DataLoader's
-        # workers when its iterator is collected, as it was before the thread existed.
+        # workers when its iterator is collected (within a second: _WorkerProcess).
         received = iter(loader)
         if self.num_workers:  # a thread takes each batch from the workers while the model computes
-            received = in_background(map(from_wire, received), depth=2)
-        # -> (batch, BatchInfo) as a worker made it
-        for step, (batch, info) in enumerate(received):
-            if step >= steps:
+            received = in_background(map(_from_wire, received), depth=2)
+        # -> (batch, BatchInfo) as a worker made it; (None, BatchInfo): what it skipped after its last batch
+        handed = 0
+        for batch, info in received:
+            if batch is not None and handed >= steps:
                 break
-            batch, info = self.image_decoder.finish(batch, info)
-            # -> (batch, BatchInfo) as the model takes it: DALI's images decoded, their failures dropped
-            for shard, ranges in info.consumed.items():
-                self.consumed[shard] = merge_ranges(self.consumed.get(shard, []) + ranges)
-                dataset = self.manifest.dataset_of(shard)
-                if dataset is not None:
-                    self.pairs_by_dataset[dataset] += sum(end - start for start, end in ranges)
-            self.skipped += info.skipped
-            self.truncated += info.truncated
+            skips = info.skips  # before finish: DALI's path rebuilds the BatchInfo without them
+            if batch is not None:
+                batch, info = self.image_decoder.finish(batch, info)
+                # -> (batch, BatchInfo) as the model takes it: DALI's images decoded, their failures dropped
+            self._count(info, skips)
+            if batch is None:
+                continue
+            handed += 1
             self.plan_step += 1
             yield batch, info
+
+    def _count(self, info: BatchInfo, skips: list[Skipped]) -> None:
+        for shard, ranges in info.consumed.items():
+            self.consumed[shard] = merge_ranges(self.consumed.get(shard, []) + ranges)
+            dataset = self.manifest.dataset_of(shard)
+            if dataset is not None:
+                self.pairs_by_dataset[dataset] += sum(end - start for start, end in ranges)
+        self.skipped += info.skipped
+        self.epoch_skipped += info.skipped
+        self.truncated += info.truncated
+        placed = 0
+        for skip in skips:
+            self.skipped_by[skip.reason] += skip.pairs
+            placed += skip.pairs
+            damaged = self.damaged.get(skip.shard)
+            if damaged is None:
+                log.warning("skipping damaged data in %s (data/skipped/%s; more in this shard is counted, not "
+                            "logged): %s", skip.shard, skip.reason, skip.first)
+                damaged = self.damaged[skip.shard] = {"pairs": 0, "reasons": Counter(), "first": skip.first}
+            damaged["pairs"] += skip.pairs
+            damaged["reasons"][skip.reason] += skip.pairs
+        self.skipped_by["corrupt_image"] += info.skipped - placed  # DALI's failed images: counted, not placed
 
     def next_epoch(self) -> None:
         self.epoch += 1
         self.consumed, self.plan_base, self.plan_step = {}, {}, 0
+        self.epoch_skipped, self.damaged = 0, {}
         self.plan_layout = [self.world_size, self.num_workers_or_one]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": {s: [list(r) for r in v] for s, v in self.consumed.items()},
                 "plan_base": self.plan_base, "plan_layout": self.plan_layout, "plan_step": self.plan_step,
-                "skipped": self.skipped, "truncated": self.truncated,
+                "skipped": self.skipped, "skipped_by": dict(self.skipped_by), "epoch_skipped": self.epoch_skipped,
+                "truncated": self.truncated,
                 "pairs_by_dataset": dict(self.pairs_by_dataset), "captions_per_image": self.manifest.group}
 
     def load_state_dict(self, state: dict) -> None:
@@ -197,6 +276,8 @@ class StreamingLoader:
         # counters are totals over ranks: one rank carries them on, or merging would double them
         keep = self.rank == 0
         self.skipped = state.get("skipped", 0) if keep else 0
+        self.skipped_by = Counter(state.get("skipped_by", {}) if keep else {})
+        self.epoch_skipped = state.get("epoch_skipped", 0) if keep else 0
         self.truncated = state.get("truncated", 0) if keep else 0
         self.pairs_by_dataset = Counter(state.get("pairs_by_dataset", {}) if keep else {})
 
@@ -218,5 +299,28 @@ def merge_states(states: list[dict]) -> dict:
             "plan_layout": states[0].get("plan_layout"), "plan_step": states[0].get("plan_step", 0),
             "captions_per_image": states[0].get("captions_per_image", 1),
             "skipped": sum(s.get("skipped", 0) for s in states),
+            "skipped_by": dict(sum((Counter(s.get("skipped_by", {})) for s in states), Counter())),
+            "epoch_skipped": sum(s.get("epoch_skipped", 0) for s in states),
             "truncated": sum(s.get("truncated", 0) for s in states),
             "pairs_by_dataset": dict(sum((Counter(s.get("pairs_by_dataset", {})) for s in states), Counter()))}
+
+
+def damage_error(reports: list[dict[str, dict]], skipped: int, bound: int, fraction: float, step: int,
+                 epoch: int) -> DataDamageError:
+    """The one line every rank stops with: how many pairs, the bound, and the damaged shards of
+    all ranks' `damaged` (most pairs first)."""
+    shards: dict[str, dict] = {}
+    for report in reports:
+        for shard, damaged in report.items():
+            merged = shards.setdefault(shard, {"pairs": 0, "reasons": Counter()})
+            merged["pairs"] += damaged["pairs"]
+            merged["reasons"].update(damaged["reasons"])
+    named = sorted(shards.items(), key=lambda item: -item[1]["pairs"])
+    listed = ", ".join(f"{shard} ({', '.join(f'{r} {n}' for r, n in sorted(d['reasons'].items()))})"
+                       for shard, d in named[:10])
+    more = f" and {len(named) - 10} more" if len(named) > 10 else ""
+    return DataDamageError(
+        f"step {step}: pairs skipped in epoch {epoch}: {skipped}, more than data.max_skipped_fraction={fraction} "
+        f"allows ({bound}); damaged shards: {listed or 'none named (images that failed on the GPU)'}{more}. "
+        "Each shard's first bad sample is in the log; `python -m data_pipeline.verify` lists them all. "
+        "Repair or drop those shards, or raise data.max_skipped_fraction to go on.")

@@ -15,7 +15,7 @@ import torch
 from pixelbert_dist.data.decode import ImageDecoder
 from pixelbert_dist.data.plan import Manifest, Segment, merge_ranges
 from pixelbert_dist.data.stream import Pair, interleave, interleave_order
-from pixelbert_dist.data.types import BatchInfo
+from pixelbert_dist.data.types import BatchInfo, Skipped
 
 
 def pipeline(source: Iterable, *stages: Callable[[Iterable], Iterator]) -> Iterator:
@@ -60,6 +60,7 @@ def consumed_prefix(segments: list[Segment], order: Iterable[int], consumed: dic
 
 
 def read_pairs(manifest: Manifest, plan: WorkerPlan) -> Iterator[Pair]:
+    """The plan's pairs in order; a placeholder (Pair.damage) for each that cannot be read."""
     return interleave(manifest, plan.segments, plan.order(manifest), plan.skip)
 
 
@@ -70,36 +71,63 @@ class Group:
     pairs: list[Pair]
     images: list                          # per pair, as the decoder's `decode` gave it
     consumed: dict[str, list[list[int]]]  # merged ranges, pairs that did not decode included
-    skipped: int                          # pairs that did not decode
+    skipped: int                          # pairs damaged or whose image did not decode
+    skips: list[Skipped]                  # where and why, per shard and reason
 
 
 def group_batches(decoded: Iterable[tuple[Pair, object]], size: int) -> Iterator[Group]:
-    """Groups of `size` pairs that decoded; a last, smaller group is dropped."""
-    pairs, images, consumed, skipped = [], [], [], 0
+    """Groups of `size` pairs that decoded. The pairs after the last group: if some were skipped,
+    a group without pairs that counts them, every pair after the last group consumed (the
+    worker's part of the epoch is read, so a resume does not read them again); otherwise
+    dropped unconsumed, as they always were."""
+    pairs, images, consumed, skips = [], [], [], {}
     for pair, image in decoded:
         consumed.append((pair.shard, pair.index))
-        if image is None:
-            skipped += 1
+        if image is None or pair.damage is not None:
+            _count_skip(skips, pair)
             continue
         pairs.append(pair)
         images.append(image)
         if len(pairs) == size:
-            ranges: dict[str, list[list[int]]] = {}
-            for shard, index in consumed:
-                ranges.setdefault(shard, []).append([index, index + 1])
-            yield Group(pairs, images, {s: merge_ranges(r) for s, r in ranges.items()}, skipped)
-            pairs, images, consumed, skipped = [], [], [], 0
+            yield _group(pairs, images, consumed, skips)
+            pairs, images, consumed, skips = [], [], [], {}
+    if skips:
+        yield _group([], [], consumed, skips)
+
+
+def _count_skip(skips: dict[tuple[str, str], list], pair: Pair) -> None:
+    reason = "corrupt_image" if pair.damage is None else pair.damage.reason
+    if (pair.shard, reason) not in skips:
+        error = (f"{pair.shard}: sample {pair.key!r} at offset {pair.offset}: its image does not decode"
+                 if pair.damage is None
+                 else " ".join(str(pair.damage.error).split()))  # one line
+        skips[pair.shard, reason] = [0, error]
+    skips[pair.shard, reason][0] += 1
+
+
+def _group(pairs: list[Pair], images: list, consumed: list[tuple[str, int]],
+           skips: dict[tuple[str, str], list]) -> Group:
+    ranges: dict[str, list[list[int]]] = {}
+    for shard, index in consumed:
+        ranges.setdefault(shard, []).append([index, index + 1])
+    return Group(pairs, images, {s: merge_ranges(r) for s, r in ranges.items()},
+                 sum(count for count, _ in skips.values()),
+                 [Skipped(shard, reason, count, first) for (shard, reason), (count, first) in skips.items()])
 
 
 def make_batches(groups: Iterable[Group], builder, decoder: ImageDecoder,
                  tag: str) -> Iterator[tuple[object, BatchInfo]]:
-    """Each group's batch (the builder tokenizes, masks, draws ITM negatives) and its BatchInfo."""
+    """Each group's batch (the builder tokenizes, masks, draws ITM negatives) and its BatchInfo;
+    a group without pairs (group_batches' last) as (None, BatchInfo) that counts what it skipped."""
     for group in groups:
         pairs = group.pairs
+        if not pairs:
+            yield None, BatchInfo([], [], group.consumed, group.skipped, 0, skips=group.skips)
+            continue
         # seeded by the batch's first pair: the same batch gets the same targets after a resume
         generator = torch.Generator().manual_seed(
             random.Random(f"{tag}-{pairs[0].shard}-{pairs[0].index}").getrandbits(63))
         truncated_before = builder.truncated
         batch, jpegs = decoder.build(builder, pairs, group.images, generator)
         yield batch, BatchInfo([p.key for p in pairs], [(p.shard, p.index) for p in pairs], group.consumed,
-                               group.skipped, builder.truncated - truncated_before, jpegs)
+                               group.skipped, builder.truncated - truncated_before, jpegs, group.skips)

@@ -8,12 +8,14 @@ feeds them the pairs of a held-out split.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, OrderedDict
 
 import torch
 
 from data_pipeline.answers import normalize_answer
-from pixelbert_dist.config import DataConfig, TaskConfig
+from pixelbert_dist.config import ConfigError, DataConfig, TaskConfig
+from pixelbert_dist.data.augment import Draw, apply, mirror_text
 from pixelbert_dist.data.batch import decode_resize, image_rows
 from pixelbert_dist.data.stream import Pair
 from pixelbert_dist.data.types import TaskBatch, pad_images
@@ -32,22 +34,35 @@ class TaskBatchBuilder:
     def __init__(self, tokenizer, cfg: DataConfig, task: TaskConfig, answers: list[str] | None = None) -> None:
         self.tokenizer, self.cfg, self.task = tokenizer, cfg, task
         self.vocab = {a: i for i, a in enumerate(answers or [])}
-        self._decoded: OrderedDict[str, object] = OrderedDict()
+        self._decoded: OrderedDict[tuple, object] = OrderedDict()
         self.truncated = 0
 
-    def image(self, pair: Pair):
-        """The pair's decoded image; for NLVR2 (left, right). ValueError if one does not decode."""
-        if pair.key not in self._decoded:
-            decode = lambda data: decode_resize(data, self.cfg.image_short_side, self.cfg.image_long_side)  # noqa: E731
+    def image(self, pair: Pair, draw: Draw | None = None):
+        """The pair's decoded image; for NLVR2 (left, right), both augmented by `draw` in training
+        (evaluation gives none). ValueError if one does not decode."""
+        if (pair.key, draw) not in self._decoded:
+            short = draw.short_side if draw else self.cfg.image_short_side
+            decode = lambda data: apply(decode_resize(data, short, self.cfg.image_long_side), draw)  # noqa: E731
             if self.task.name == "nlvr2":
                 if pair.jpeg2 is None:
                     raise ValueError(f"NLVR2 sample {pair.key} of {pair.shard} has no right image (right.jpg)")
-                self._decoded[pair.key] = (decode(pair.jpeg), decode(pair.jpeg2))
+                self._decoded[pair.key, draw] = (decode(pair.jpeg), decode(pair.jpeg2))
             else:
-                self._decoded[pair.key] = decode(pair.jpeg)
+                self._decoded[pair.key, draw] = decode(pair.jpeg)
             while len(self._decoded) > 64:
                 self._decoded.popitem(last=False)
-        return self._decoded[pair.key]
+        return self._decoded[pair.key, draw]
+
+    def mirror(self, pair: Pair) -> Pair:
+        """The pair as it reads of its horizontally flipped image: the question or caption, and VQA's
+        answers, with "left" and "right" swapped."""
+        if self.task.name == "nlvr2":  # tasks/nlvr2.py refuses the config; this guards direct use
+            raise ConfigError(f"NLVR2 sample {pair.key} of {pair.shard}: its sentence names the left and right "
+                              f"image, which a flip does not swap; NLVR2 trains with data.augment_flip=0")
+        target = pair.target
+        if self.task.name == "vqa" and isinstance(target, dict) and isinstance(target.get("answers"), list):
+            target = {**target, "answers": [mirror_text(a) if isinstance(a, str) else a for a in target["answers"]]}
+        return dataclasses.replace(pair, caption=mirror_text(pair.caption), target=target)
 
     def _encode(self, texts: list[str], keys: list[str]):
         encoded = encode_captions(self.tokenizer, texts, self.cfg.max_text_len, keys=keys)

@@ -9,7 +9,8 @@ the loader's dependencies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,6 +51,15 @@ class TaskBatch:
         return TaskBatch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
 
+class Skipped(NamedTuple):
+    """Pairs of one shard skipped for one reason (data/stream.py SKIP_REASONS) in one batch."""
+
+    shard: str
+    reason: str
+    pairs: int
+    first: str  # the first one's error: shard, sample and offset
+
+
 @dataclass
 class BatchInfo:
     """What travels with a batch from a loader worker."""
@@ -57,9 +67,10 @@ class BatchInfo:
     keys: list[str]                   # image key of each pair
     pairs: list[tuple[str, int]]      # (shard, pair index) of each pair in the batch
     consumed: dict[str, list[list[int]]]  # every pair read for this batch, skipped ones too
-    skipped: int                      # pairs whose image did not decode
+    skipped: int                      # pairs read but not in the batch: damaged, or the image did not decode
     truncated: int                    # captions cut to max_text_len
     jpegs: list[bytes] | None = None  # per image row, when the images are decoded on the GPU
+    skips: list[Skipped] = field(default_factory=list)  # where and why `skipped` (DALI's image failures: count only)
 
 
 def pad_images(images: list[Tensor], multiple: int = TOKEN_STRIDE) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pixelbert_dist import evaluate
-from pixelbert_dist.config import ModelConfig, TaskConfig
+from pixelbert_dist.config import ConfigError, ModelConfig, TaskConfig
 from pixelbert_dist.data.task_batch import TaskBatchBuilder
 from pixelbert_dist.data.types import TaskBatch
 from pixelbert_dist.spec import JobSpec, ResolvedRun
@@ -49,6 +49,15 @@ class Nlvr2Accuracy:
         return {"nlvr2_accuracy": 100.0 * correct / max(count, 1), "examples": count}
 
 
+def resolve(cfg, tokenizer) -> ResolvedRun:
+    # A statement names its left and right image ("the left image shows two dogs"): a flipped
+    # pair would need its images swapped too, and a flipped image alone makes it false.
+    if cfg.data.augment_flip > 0:
+        raise ConfigError(f"task.name=nlvr2: data.augment_flip must be 0 (got {cfg.data.augment_flip}); its "
+                          f"sentences name the left and right image, which a flip does not swap")
+    return base.resolve(cfg, tokenizer)
+
+
 def run_evaluation(model, pairs, run: ResolvedRun, device) -> dict[str, float]:
     builder = TaskBatchBuilder(run.tokenizer, run.cfg.data, run.cfg.task)
     with evaluate.inference_context(model):
@@ -58,11 +67,12 @@ def run_evaluation(model, pairs, run: ResolvedRun, device) -> dict[str, float]:
 
 SPEC = JobSpec(
     name="nlvr2",
-    resolve=lambda cfg, tokenizer: base.resolve(cfg, tokenizer),
+    resolve=resolve,
     build_model=lambda run, pretrained: base.build_model(PixelBertForNLVR2, run, pretrained, log),
     batch_builder=base.batch_builder,
     flops_per_sample=lambda model, run, device: base.flops_per_sample(model, run, device, target={"label": True}),
     evaluate=run_evaluation,
     eval_prefix="eval",
     output_keys=base.OUTPUT_KEYS,
+    tokenizer=base.tokenizer,
 )

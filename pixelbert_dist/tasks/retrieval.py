@@ -65,7 +65,7 @@ def run_evaluation(model, pairs, run: ResolvedRun, device) -> dict[str, float]:
     task = run.cfg.task
     with evaluate.inference_context(model):
         return evaluate.retrieval(model.visual_tokens, model.match_scores, pairs, run.tokenizer, run.cfg.data,
-                                  device, task.eval_batch_size, folds=task.eval_folds)
+                                  device, task.eval_batch_size, folds=base.usable_folds(task.eval_folds, pairs, log))
 
 
 SPEC = JobSpec(
@@ -77,4 +77,5 @@ SPEC = JobSpec(
     evaluate=run_evaluation,
     eval_prefix="eval",
     output_keys=base.OUTPUT_KEYS,
+    tokenizer=base.tokenizer,
 )

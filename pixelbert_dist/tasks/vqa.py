@@ -91,4 +91,5 @@ SPEC = JobSpec(
     evaluate=run_evaluation,
     eval_prefix="eval",
     output_keys=base.OUTPUT_KEYS,
+    tokenizer=base.tokenizer,
 )

@@ -93,6 +93,14 @@ def test_vqa_on_two_ranks_from_an_export_answers_every_held_out_question(tasks, 
     with sqlite3.connect(tmp_path / "mlruns.db") as con:
         params = dict(con.execute("select key, value from params").fetchall())
     assert params["task.name"] == "vqa" and params["world_size"] == "2"
+    # the MLflow `model/` artifact is the fine-tuned model, head and answer vocabulary included
+    from pixelbert_dist.export import load_exported
+
+    logged = [p.parent for p in tmp_path.rglob("model/model.safetensors")]
+    assert len(logged) == 1, sorted(map(str, tmp_path.rglob("*")))[:50]
+    model = load_exported(logged[0])
+    assert type(model).__name__ == "PixelBertForVQA" and model.tokenizer is not None
+    assert list(model.answers) == json.loads((raw / "answers.json").read_text())
 
 
 @pytest.mark.slow

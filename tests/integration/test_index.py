@@ -109,7 +109,7 @@ def data(tmp_path_factory, ray_local):
     (root / "bad").mkdir()
     bad_good, bad_expected = _write_bad(root / "bad", pairs[3 * PER_TAR:])
     vocab = train_wordpiece([c for _, c in pairs] * 3, 150, root / "vocab")
-    cfg = load_config(TINY, [f"--data.tokenizer={vocab}", "--data.image_short_side=64", "--data.image_long_side=96"])
+    cfg = load_config(TINY, [f"--data.tokenizer={vocab}", "--data.image_short_side=64", "--data.image_long_side=128"])
     return {"root": root, "good": good, "bad_good": bad_good, "bad_expected": bad_expected, "cfg": cfg}
 
 

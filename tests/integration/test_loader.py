@@ -234,18 +234,56 @@ def test_a_missing_or_truncated_shard_is_named_before_training(dataset, tmp_path
         Manifest(str(broken)).check_shards_present()
 
 
-def test_a_worker_error_mid_epoch_reaches_the_training_loop_with_the_shard_named(dataset, tmp_path):
-    # shards checked at start, then one vanishes while the epoch runs (an object-store lifecycle rule, say)
+def test_shards_that_vanish_mid_epoch_are_skipped_and_counted(dataset, tmp_path):
+    # shards checked at start, then deleted while the epoch runs (an object-store lifecycle rule, say)
     url, cfg = dataset
     copy = tmp_path / "shards"
     shutil.copytree(url, copy)
     loader = StreamingLoader(str(copy), cfg.data, 4, num_workers=1, seed=1)
     for name in loader.manifest.shards:
         (copy / name).unlink()
-    with pytest.raises(Exception, match=r"\d{6}\.tar"):
-        for _ in loader.epoch_batches():
-            pass
+    assert list(loader.epoch_batches()) == []
+    assert loader.skipped == loader.counters()["data/skipped/missing_shard"] == Manifest(str(url)).total_pairs
+    assert set(loader.damaged) == set(loader.manifest.shards)
     assert not [t for t in threading.enumerate() if t.name == "loader-receive"]  # the thread stopped
+
+
+def test_a_worker_error_surfaces_and_no_worker_is_waited_for(dataset, tmp_path):
+    """Two shards, one per worker: worker 0's is a folder (an OSError when opened: not damage),
+    worker 1's a FIFO nobody writes (it hangs in open(), as in a stalled read). The error reaches
+    the caller naming the shard, and dropping the epoch ends both workers within a second
+    (torch alone waits 5 s for each, twice)."""
+    import gc
+    import os
+    import time
+
+    import psutil
+    from data_pipeline.shard_format import MANIFEST
+    from pixelbert_dist.data.plan import remaining_segments, split_even
+
+    url, cfg = dataset
+    copy = tmp_path / "shards"
+    shutil.copytree(url, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["shards"] = manifest["shards"][:2]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    first, second = (part[0].shard for part in split_even(remaining_segments(Manifest(str(copy)), {}, 1, 0), 2))
+    (copy / first).unlink()
+    (copy / first).mkdir()
+    (copy / second).unlink()
+    os.mkfifo(copy / second)
+    loader = StreamingLoader(str(copy), cfg.data, 4, num_workers=2, seed=1)
+    others = {p.pid for p in psutil.Process().children()}  # the test session's servers
+    batches = loader.epoch_batches()
+    with pytest.raises(OSError, match=rf"{first}: reading failed: IsADirectoryError"):
+        next(batches)
+    workers = [p for p in psutil.Process().children() if p.pid not in others]
+    assert len(workers) == 2
+    started = time.perf_counter()
+    del batches
+    gc.collect()
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive and time.perf_counter() - started < 1.0
 
 
 def test_resize_rule():

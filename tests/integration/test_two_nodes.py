@@ -3,6 +3,11 @@
     pbnode0-PID  10.213.0.1/24  moto_server (shards + checkpoint mirror), node rank 0, the master
     pbnode1-PID  10.213.0.2/24  node rank 1
 
+Two ways to lose node 1 mid-epoch, each followed by `--resume auto` on fresh local folders:
+its rank killed (its sockets close: node 0 hears at once), or its link taken down (nothing
+closes: node 0 waits out train.collective_timeout_s). Both tests share the namespaces, the S3
+server and the shards (the module's `cluster`).
+
 Each node runs `deepspeed --hostfile H --no_ssh --node_rank N --master_addr 10.213.0.1`, with
 gloo on its own veth (GLOO_SOCKET_IFNAME) and its own checkpoint folder; they share only the
 S3 server. The addresses exist only inside the namespaces, so nothing leaves this machine.
@@ -137,8 +142,11 @@ class TwoNodes:
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
 
 
-@pytest.fixture
-def two_nodes():
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, ray_local):
+    """Two nodes, the S3 server on node 0 holding the shards, a hostfile and an MLflow store with
+    its tables made (node 0's rank 0 copies it: the minutes of a first schema migration are not
+    spent while node 1 waits in a collective). Shared by the tests of this module."""
     if sys.platform != "linux" or shutil.which("ip") is None:
         pytest.skip("needs Linux network namespaces and iproute2's `ip`")
     nodes = TwoNodes()
@@ -146,11 +154,104 @@ def two_nodes():
     if probe.returncode != 0:
         pytest.skip(f"cannot make network namespaces (`ip netns add`: {probe.stderr.strip()})")
     _ip("netns", "del", nodes.ns[0], check=False)
+    root = tmp_path_factory.mktemp("two-nodes")
     try:
         nodes.create()
-        yield nodes
+        _, vocab = synthetic_shards(root, IMAGES, seed=12, shard_size=8)
+        from pixelbert_dist.data.plan import Manifest
+        total_pairs = Manifest(str(root / "shards")).total_pairs
+        assert total_pairs == IMAGES * CAPTIONS
+        moto = nodes.exec(0, [str(BIN / "moto_server"), "-H", MASTER, "-p", str(S3_PORT)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # from node 1: the shards cross the veth, so the wiring is checked before any training
+        assert _s3(nodes, 1, "setup", "data", "ckpt", str(root / "shards"), "s3://data/shards") == "ok"
+        assert moto.poll() is None
+        hostfile = root / "hosts"  # with --no_ssh the names are labels: node_rank N takes line N
+        hostfile.write_text("pbnode0 slots=1\npbnode1 slots=1\n")
+        mlflow_db = root / "mlruns.db"
+        subprocess.run([sys.executable, "-c", f"import mlflow; mlflow.set_tracking_uri('sqlite:///{mlflow_db}'); "
+                        "mlflow.search_experiments()"], check=True, capture_output=True, timeout=300)
+        yield Cluster(nodes, vocab, total_pairs, hostfile, mlflow_db)
     finally:
         nodes.destroy()
+
+
+class Cluster:
+    """What a test starts jobs with: `start(tmp_path, node, run, mirror, extra)` runs one node's
+    launcher (its checkpoints and pair log under tmp_path/nodeN, its output in tmp_path/nodeN-RUN.log)."""
+
+    def __init__(self, nodes: TwoNodes, vocab: Path, total_pairs: int, hostfile: Path, mlflow_db: Path) -> None:
+        self.nodes, self.vocab, self.total_pairs, self.hostfile = nodes, vocab, total_pairs, hostfile
+        self.mlflow_db = mlflow_db
+        self.runs = 0  # a new master port per run: the last run's may still be closing
+
+    def start(self, tmp_path: Path, node: int, run: str, mirror: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        home = tmp_path / f"node{node}"  # node-local: nothing here is shared with the other node
+        home.mkdir(exist_ok=True)
+        if node == 0 and not (home / "mlruns.db").exists():
+            shutil.copy(self.mlflow_db, home / "mlruns.db")
+        self.runs += node == 0
+        settings = {
+            "data.train_manifest": "s3://data/shards", "data.tokenizer": self.vocab,
+            "model.vocab_size": len(self.vocab.read_text().split()), "data.image_short_side": 128,
+            "data.image_long_side": 192, "data.num_workers": 1, "model.pixel_sample_count": 4,
+            "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.epochs": 1, "train.log_every": 1,
+            "checkpoint.every_steps": 2, "checkpoint.dir": home / f"ckpt-{run}", "checkpoint.mirror": mirror,
+            "train.log_pairs_to": home / f"pairs-{run}", "tracking.uri": f"sqlite:///{home / 'mlruns.db'}",
+            "tracking.log_model": "false", "deepspeed.config": REPO / "configs/deepspeed/zero2.json",
+        }
+        command = [str(BIN / "deepspeed"), "--hostfile", str(self.hostfile), "--no_ssh", f"--node_rank={node}",
+                   "--master_addr", MASTER, f"--master_port={MASTER_PORT + self.runs}",
+                   "--module", "pixelbert_dist.pretrain", "--config", str(TINY),
+                   *(f"--{k}={v}" for k, v in settings.items()), *extra]
+        with (tmp_path / f"node{node}-{run}.log").open("w") as log:
+            return self.nodes.exec(node, command, cwd=home, env=_node_env(self.nodes, node), stdout=log,
+                                   stderr=subprocess.STDOUT)
+
+    def first_checkpoint(self, mirror: str, run: list[subprocess.Popen], logs) -> None:
+        """Wait until the mirror holds a complete checkpoint; every process of `run` still running."""
+        waiter = self.nodes.exec(1, [sys.executable, "-c", S3_HELPER, "wait", mirror, "240"],
+                                 env=_node_env(self.nodes, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        while waiter.poll() is None:
+            assert all(p.poll() is None for p in run), logs()
+            time.sleep(0.1)
+        assert waiter.returncode == 0, waiter.stderr.read()[-2000:] + logs()
+
+    def resume_and_check(self, tmp_path: Path, mirror: str, extra: tuple[str, ...] = ()) -> dict:
+        """Both nodes on fresh local folders with --resume auto: the run finishes the epoch. What
+        it shows: the step it resumed at, the seconds to its first step, pairs lost and repeated."""
+        resume_step = int(_s3(self.nodes, 0, "tags", mirror)[-1].removeprefix("step"))
+        started = time.time()
+        run2 = [self.start(tmp_path, n, "run2", mirror, ("--resume", "auto", *extra)) for n in (0, 1)]
+
+        def logs() -> str:
+            return "".join((tmp_path / f"node{n}-run2.log").read_text()[-3000:] for n in (0, 1))
+
+        first_log = tmp_path / "node0" / "pairs-run2" / "rank0.jsonl"
+        while not (first_log.exists() and first_log.read_text().strip()):
+            assert all(p.poll() is None for p in run2), logs()
+            assert time.time() - started < 240, "the resumed job trained no step"
+            time.sleep(0.1)
+        first_step_s = time.time() - started
+        for proc in run2:
+            proc.wait(timeout=300)
+        assert [p.returncode for p in run2] == [0, 0], logs()
+        log0 = (tmp_path / "node0-run2.log").read_text()
+        assert f"at step {resume_step} " in log0 and "resumed from" in log0
+        # every pair of the epoch once: steps before the checkpoint from run 1, the rest from run 2
+        steps = self.total_pairs // 8
+        before = [r for n in (0, 1) for r in _pairs(tmp_path / f"node{n}" / "pairs-run1") if r["step"] < resume_step]
+        redone = [r for n in (0, 1) for r in _pairs(tmp_path / f"node{n}" / "pairs-run1") if r["step"] >= resume_step]
+        after = [r for n in (0, 1) for r in _pairs(tmp_path / f"node{n}" / "pairs-run2")]
+        seen = [tuple(p) for r in before + after for p in r["pairs"]]
+        return {"resume_step": resume_step, "steps": steps, "first_step_s": first_step_s, "redone": len(redone),
+                "repeated": len(seen) - len(set(seen)), "lost": self.total_pairs - len(set(seen)),
+                "steps_after": {r["step"] for r in after}}
+
+    def every_pair_once(self, result: dict) -> bool:
+        return (result["repeated"] == 0 and result["lost"] == 0 and 0 < result["resume_step"] < result["steps"]
+                and result["steps_after"] == set(range(result["resume_step"], result["steps"])))
 
 
 def _node_env(nodes: TwoNodes, node: int) -> dict[str, str]:
@@ -177,56 +278,16 @@ def _pairs(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_nodes_kill_minus_9_of_one_node_and_resume_from_the_mirror_on_fresh_nodes(two_nodes, tmp_path,
-                                                                                        ray_local):
-    nodes = two_nodes
-    _, vocab = synthetic_shards(tmp_path, IMAGES, seed=12, shard_size=8)
-    from pixelbert_dist.data.plan import Manifest
-    total_pairs = Manifest(str(tmp_path / "shards")).total_pairs
-    assert total_pairs == IMAGES * CAPTIONS
+def test_two_nodes_kill_minus_9_of_one_node_and_resume_from_the_mirror_on_fresh_nodes(cluster, tmp_path):
+    mirror = "s3://ckpt/kill"
 
-    moto = nodes.exec(0, [str(BIN / "moto_server"), "-H", MASTER, "-p", str(S3_PORT)],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # from node 1: the shards cross the veth, so the wiring is checked before any training
-    assert _s3(nodes, 1, "setup", "data", "ckpt", str(tmp_path / "shards"), "s3://data/shards") == "ok"
-    assert moto.poll() is None
-    mirror = "s3://ckpt/run"
-
-    hostfile = tmp_path / "hosts"  # with --no_ssh the names are labels: node_rank N takes line N
-    hostfile.write_text("pbnode0 slots=1\npbnode1 slots=1\n")
-
-    def start(node: int, run: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-        home = tmp_path / f"node{node}"  # node-local: nothing here is shared with the other node
-        home.mkdir(exist_ok=True)
-        settings = {
-            "data.train_manifest": "s3://data/shards", "data.tokenizer": vocab,
-            "model.vocab_size": len(vocab.read_text().split()), "data.image_short_side": 128,
-            "data.image_long_side": 192, "data.num_workers": 1, "model.pixel_sample_count": 4,
-            "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.epochs": 1, "train.log_every": 1,
-            "checkpoint.every_steps": 2, "checkpoint.dir": home / f"ckpt-{run}", "checkpoint.mirror": mirror,
-            "train.log_pairs_to": home / f"pairs-{run}", "tracking.uri": f"sqlite:///{home / 'mlruns.db'}",
-            "tracking.log_model": "false", "deepspeed.config": REPO / "configs/deepspeed/zero2.json",
-        }
-        command = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", f"--node_rank={node}",
-                   "--master_addr", MASTER, f"--master_port={MASTER_PORT + int(run[-1])}",  # a new port per run
-                   "--module", "pixelbert_dist.pretrain", "--config", str(TINY),
-                   *(f"--{k}={v}" for k, v in settings.items()), *extra]
-        with (tmp_path / f"node{node}-{run}.log").open("w") as log:
-            return nodes.exec(node, command, cwd=home, env=_node_env(nodes, node), stdout=log,
-                              stderr=subprocess.STDOUT)
-
-    def log_of(node: int, run: str) -> str:
-        return (tmp_path / f"node{node}-{run}.log").read_text()
+    def logs() -> str:
+        return "".join((tmp_path / f"node{n}-run1.log").read_text()[-3000:] for n in (0, 1))
 
     # run 1: train until the mirror holds a complete checkpoint, then kill -9 node 1's rank
     import psutil
-    run1 = [start(0, "run1"), start(1, "run1")]
-    waiter = nodes.exec(1, [sys.executable, "-c", S3_HELPER, "wait", mirror, "240"], env=_node_env(nodes, 1),
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while waiter.poll() is None:
-        assert all(p.poll() is None for p in run1), log_of(0, "run1")[-3000:] + log_of(1, "run1")[-3000:]
-        time.sleep(0.1)
-    assert waiter.returncode == 0, waiter.stderr.read()[-2000:] + log_of(0, "run1")[-3000:]
+    run1 = [cluster.start(tmp_path, n, "run1", mirror) for n in (0, 1)]
+    cluster.first_checkpoint(mirror, run1, logs)
     # the training process itself (its loader worker shares its command line): the launch's child
     [launch] = [p for p in psutil.Process(run1[1].pid).children() if "deepspeed.launcher.launch" in p.cmdline()]
     [victim] = launch.children()
@@ -238,47 +299,75 @@ def test_two_nodes_kill_minus_9_of_one_node_and_resume_from_the_mirror_on_fresh_
     assert run1[0].returncode != 0, "node 0 ended well: the kill came after the epoch's end"
     assert run1[1].returncode != 0
     assert fail_s < 60, f"node 0 took {fail_s:.0f} s to fail"  # it noticed; no hang
-    [*_, newest] = _s3(nodes, 0, "tags", mirror)
-    resume_step = int(newest.removeprefix("step"))
 
     # run 2: both nodes on fresh local folders; --resume auto fetches the mirror's newest checkpoint
-    resumed_at = time.time()
-    run2 = [start(0, "run2", ("--resume", "auto")), start(1, "run2", ("--resume", "auto"))]
-    first_log = tmp_path / "node0" / "pairs-run2" / "rank0.jsonl"
-    while not (first_log.exists() and first_log.read_text().strip()):
-        assert all(p.poll() is None for p in run2), log_of(0, "run2")[-3000:] + log_of(1, "run2")[-3000:]
-        assert time.time() - resumed_at < 240, "the resumed job trained no step"
-        time.sleep(0.1)
-    first_step_s, recovery_s = time.time() - resumed_at, time.time() - killed_at
-    for proc in run2:
-        proc.wait(timeout=300)
-    assert [p.returncode for p in run2] == [0, 0], log_of(0, "run2")[-3000:] + log_of(1, "run2")[-3000:]
-    assert f"at step {resume_step} " in log_of(0, "run2") and "resumed from" in log_of(0, "run2")
-
-    # every pair of the epoch once: steps before the checkpoint from run 1, the rest from run 2
-    steps = total_pairs // 8
-    before = [r for n in (0, 1) for r in _pairs(tmp_path / f"node{n}" / "pairs-run1") if r["step"] < resume_step]
-    redone = [r for n in (0, 1) for r in _pairs(tmp_path / f"node{n}" / "pairs-run1") if r["step"] >= resume_step]
-    after = [r for n in (0, 1) for r in _pairs(tmp_path / f"node{n}" / "pairs-run2")]
-    seen = [tuple(p) for r in before + after for p in r["pairs"]]
-    pairs_repeated, pairs_lost = len(seen) - len(set(seen)), total_pairs - len(set(seen))
-    every_pair_once = pairs_repeated == 0 and pairs_lost == 0 and {r["step"] for r in after} == set(
-        range(resume_step, steps))
-
+    result = cluster.resume_and_check(tmp_path, mirror)
     from tests.faults import record_fault
     record_fault(dict(  # before the asserts: a failure is a row too
         fault="two nodes (network namespaces over veth): kill -9 of node 1's rank mid-epoch",
         what_was_done=(f"one deepspeed --no_ssh launcher per node, checkpoints every 2 steps mirrored to S3; "
                        f"node 1's rank killed after the first mirrored checkpoint (node 0 failed {fail_s:.1f} s "
                        f"later); both nodes resumed with --resume auto on fresh local folders from the mirror's "
-                       f"step {resume_step} of {steps} (first step {first_step_s:.1f} s after the restart; "
-                       f"{len(redone)} rank-steps trained after that checkpoint were redone)"),
+                       f"step {result['resume_step']} of {result['steps']} (first step {result['first_step_s']:.1f} s "
+                       f"after the restart; {result['redone']} rank-steps trained after that checkpoint were redone)"),
         expected="node 0 exits non-zero without hanging; the resumed job ends the epoch; every pair once",
-        pairs_lost=pairs_lost, pairs_repeated=pairs_repeated, recovery_s=round(recovery_s, 1),
-        passed=every_pair_once and 0 < resume_step < steps))
-    assert 0 < resume_step < steps  # the kill landed mid-epoch
-    assert every_pair_once, (pairs_lost, pairs_repeated, sorted({r["step"] for r in after}))
-    final = f"step{steps:08d}"
+        pairs_lost=result["lost"], pairs_repeated=result["repeated"],
+        recovery_s=round(fail_s + result["first_step_s"], 1), passed=cluster.every_pair_once(result)))
+    assert cluster.every_pair_once(result), result
+    final = f"step{result['steps']:08d}"
     assert (tmp_path / "node0" / "ckpt-run2" / final / "complete.json").exists()
     assert any("zero_pp_rank_1_" in p.name for p in (tmp_path / "node1" / "ckpt-run2" / final).rglob("*"))
-    assert _s3(nodes, 0, "tags", mirror)[-1] == final
+    assert _s3(cluster.nodes, 0, "tags", mirror)[-1] == final
+
+
+COLLECTIVE_TIMEOUT_S = 20  # train.collective_timeout_s in the link-down test
+
+
+@pytest.mark.slow
+def test_two_nodes_a_link_down_is_found_within_the_collective_timeout_and_resume_auto_finishes(cluster, tmp_path):
+    """Node 1's veth goes down mid-epoch: no socket is closed, packets just stop (a cable pulled,
+    a kernel panic). Node 0's rank waits in its collective for train.collective_timeout_s, then
+    stops, naming the step and what timed out; both nodes resume from the mirror."""
+    mirror = "s3://ckpt/link"
+    timeout = (f"--train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",)
+
+    def logs() -> str:
+        return "".join((tmp_path / f"node{n}-run1.log").read_text()[-3000:] for n in (0, 1))
+
+    run1 = [cluster.start(tmp_path, n, "run1", mirror, timeout) for n in (0, 1)]
+    cluster.first_checkpoint(mirror, run1, logs)
+    nodes = cluster.nodes
+    _ip("-n", nodes.ns[1], "link", "set", nodes.veth[1], "down")
+    down_at = time.time()
+    try:
+        run1[0].wait(timeout=COLLECTIVE_TIMEOUT_S + 90)
+        lost_s = time.time() - down_at
+    finally:
+        if run1[1].poll() is None:  # cut off from everything: it ends in its own time, or now
+            os.killpg(run1[1].pid, signal.SIGKILL)
+            run1[1].wait(timeout=30)
+        _ip("-n", nodes.ns[1], "link", "set", nodes.veth[1], "up")
+    log0 = (tmp_path / "node0-run1.log").read_text()
+    said = [line for line in log0.splitlines() if "error: rank 0: lost the other ranks during step" in line]
+    result = cluster.resume_and_check(tmp_path, mirror, (*timeout, "--checkpoint.every_steps=1000"))
+    checks = {
+        "node 0 failed": run1[0].returncode != 0,
+        "within the bound": lost_s < COLLECTIVE_TIMEOUT_S + 15,
+        "one line naming the step and what timed out": len(said) == 1 and "timed out" in said[0].lower(),
+        "no traceback from node 0's rank": "Traceback" not in log0.split("lost the other ranks")[0][-20000:]
+        and "[rank0]: Traceback" not in log0,
+        "every pair once after --resume auto": cluster.every_pair_once(result),
+    }
+    from tests.faults import record_fault
+    record_fault(dict(
+        fault="two nodes: node 1's link taken down mid-epoch (no socket closed)",
+        what_was_done=(f"`ip link set {nodes.veth[1]} down` in node 1's namespace after the first mirrored "
+                       f"checkpoint, train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}: node 0's launcher exited "
+                       f"{lost_s:.1f} s later ({said[0].split(': ', 1)[1][:160] if said else 'no line'}); link up, "
+                       f"both nodes resumed with --resume auto from the mirror's step {result['resume_step']} of "
+                       f"{result['steps']}"),
+        expected="node 0 exits non-zero within the collective timeout (+15 s) with one line naming the step and "
+                 "what timed out, no traceback; the resumed job ends the epoch with every pair once",
+        pairs_lost=result["lost"], pairs_repeated=result["repeated"],
+        recovery_s=round(lost_s + result["first_step_s"], 1), passed=all(checks.values())))
+    assert all(checks.values()), ({k: v for k, v in checks.items() if not v}, said, log0[-3000:])
