@@ -205,7 +205,8 @@ class PixelBert(PretrainedMixin, nn.Module):
         zero = hidden.new_zeros(())
         mlm_loss = mlm_accuracy = itm_loss = itm_accuracy = zero
         if batch.mlm_labels is not None:
-            mlm_loss, mlm_accuracy = self.mlm(hidden[:, : batch.input_ids.shape[1]], batch.mlm_labels)
+            mlm_loss, mlm_accuracy = self.mlm(hidden[:, : batch.input_ids.shape[1]], batch.mlm_labels,
+                                              batch.itm_labels)
         if batch.itm_labels is not None:
             itm_loss = F.cross_entropy(itm_logits.float(), batch.itm_labels)
             itm_accuracy = (itm_logits.argmax(-1) == batch.itm_labels).float().mean()
@@ -213,21 +214,31 @@ class PixelBert(PretrainedMixin, nn.Module):
                                itm_loss=itm_loss, itm_accuracy=itm_accuracy,
                                itm_logits=itm_logits, pooled=pooled)
 
-    def mlm(self, text: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Masked-token loss and accuracy, averaged over the positions whose label is not IGNORE_INDEX.
+    def mlm(self, text: Tensor, labels: Tensor, itm_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Masked-token loss and accuracy, each averaged over the positions it counts.
 
-        Every text position goes through the head, and the loss sums over the masked ones: picking
-        them out first (boolean indexing) has a size only the GPU knows, so the host would wait for
-        it in every step. The price is the head on all B x T positions (~2% more FLOPs and ~1 GB of
-        fp32 logits at micro batch 64 with BERT's vocabulary). With no masked token the loss is a
-        zero that still reaches every head parameter, so data-parallel reduction matches on all ranks.
+        Every caption arrives masked, mismatched ones too (targets.py: otherwise [MASK] tells ITM
+        the answer), but the loss counts the masked words of matched pairs only, unless
+        `model.mlm_on_mismatched`: a word of a caption paired with another image can only be
+        guessed from the text, which is not what MLM is here to teach (UNITER, ViLT and ALBEF do
+        the same; benchmarks/bench_objectives.py compares both). The accuracy is always over
+        matched pairs, so both objectives report the same measure. Without ITM labels every
+        pair counts as matched.
+
+        Every text position goes through the head, and the sums run over the counted ones:
+        picking them out first (boolean indexing) has a size only the GPU knows, so the host
+        would wait for it in every step. The price is the head on all B x T positions (~2% more
+        FLOPs and ~1 GB of fp32 logits at micro batch 64 with BERT's vocabulary). With no
+        counted token the loss is a zero that still reaches every head parameter, so
+        data-parallel reduction matches on all ranks.
         """
-        selected = labels != IGNORE_INDEX
-        count = selected.sum().clamp(min=1)
+        matched = labels if itm_labels is None else torch.where(itm_labels.bool()[:, None], labels, IGNORE_INDEX)
+        trained = labels if self.cfg.mlm_on_mismatched else matched
         logits = self.cls.predictions(text).float()
-        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-        hits = (logits.argmax(-1) == labels) & selected
-        return losses.sum() / count, hits.sum() / count
+        losses = F.cross_entropy(logits.flatten(0, 1), trained.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        hits = (logits.argmax(-1) == matched) & (matched != IGNORE_INDEX)
+        return (losses.sum() / (trained != IGNORE_INDEX).sum().clamp(min=1),
+                hits.sum() / (matched != IGNORE_INDEX).sum().clamp(min=1))
 
 
 def prepare_for_training(model: "PixelBert", train: TrainConfig, device: torch.device) -> None:

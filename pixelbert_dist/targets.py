@@ -2,7 +2,8 @@
 
 Both draw from a `torch.Generator`, so a seeded loader makes the same targets on a rerun.
 Masking is applied to every caption, matching or not: if only matching pairs carried
-[MASK] tokens, their presence would tell the ITM head the answer.
+[MASK] tokens, their presence would tell the ITM head the answer. Which masked words the
+MLM loss counts (matched pairs only, by default) is the model's choice (`PixelBert.mlm`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from pixelbert_dist.config import DataConfig
 from pixelbert_dist.data.augment import Draw, apply, mirror_text
 from pixelbert_dist.data.stream import Pair
-from pixelbert_dist.data.types import IGNORE_INDEX, PretrainBatch, pad_images
+from pixelbert_dist.data.types import PretrainBatch, pad_images
 from pixelbert_dist.targets import itm_caption_assignment, mask_tokens
 from pixelbert_dist.tokenizer import encode_captions, special_tokens
 
@@ -48,8 +48,9 @@ class BatchBuilder:
     """Pairs -> PretrainBatch: images padded with masks, ITM negatives, MLM masking.
 
     ITM swaps the captions of half the pairs for another image's. Every caption is then
-    masked, negatives too, so [MASK] tokens say nothing about the ITM label; MLM loss is
-    taken on matching pairs only (a mismatched caption cannot be predicted from the image).
+    masked, negatives too, so [MASK] tokens say nothing about the ITM label. Every caption's
+    MLM labels are handed on: the model counts the matched pairs' only, unless
+    `model.mlm_on_mismatched` (model.py, `mlm`; benchmarks/bench_objectives.py says why).
     """
 
     gpu_decode = True  # one image per pair: the loader may hand the encoded images to DALI
@@ -92,7 +93,6 @@ class BatchBuilder:
         self.truncated += encoded.num_truncated
         input_ids, mlm_labels = mask_tokens(encoded.input_ids, encoded.attention_mask, self.special,
                                             self.cfg.mlm_probability, generator)
-        mlm_labels[itm_labels == 0] = IGNORE_INDEX
         _, image_index = image_rows(keys)
         return PretrainBatch(None, None, input_ids, encoded.attention_mask, mlm_labels, itm_labels, image_index)
 

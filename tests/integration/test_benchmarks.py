@@ -56,3 +56,35 @@ def test_data_scale_benchmark_quick_mode_measures_fresh_processes_and_writes_res
     assert (worker["batches"], worker["pairs_read"]) == (3, 96)
     assert all(isinstance(row[k], float) for k in ("rank s", "rank PSS MB", "rank RSS MB", "worker PSS MB"))
     assert "400M pairs: not run" in md.read_text()
+
+
+@pytest.mark.slow
+def test_objectives_benchmark_quick_mode_runs_both_variants_resumes_and_counts_only_real_differences(tmp_path):
+    from benchmarks.bench_objectives import compare
+    argv = [sys.executable, str(REPO / "benchmarks/bench_objectives.py"), "--quick", "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (md,) = tmp_path.glob("objectives_*.md")
+    data = json.loads(md.with_suffix(".json").read_text())
+    assert md.with_suffix(".png").stat().st_size > 1000
+    assert sorted((r["variant"], r["seed"]) for r in data["runs"]) == [("every", 0), ("matched", 0)]
+    assert all(0 <= r["itm_accuracy"] <= 1 and 0 <= r["r_mean"] <= 100 for r in data["runs"])
+    # a rerun finds both runs finished and trains nothing
+    logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*-seed0/log.txt")}
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(logs) == 2 and {p: p.stat().st_mtime_ns for p in logs} == logs
+    assert len((tmp_path / "work/runs.jsonl").read_text().splitlines()) == 2
+    # a difference counts only beyond two standard errors of the difference of the means
+    runs = [{"variant": v, "seed": s, "itm_accuracy": a, "mlm_accuracy": 0.5, "image_r1": 1.0, "image_r5": 1.0,
+             "image_r10": 1.0, "text_r1": 1.0, "text_r5": 1.0, "text_r10": 1.0, "r_mean": r}
+            for v, values in (("matched", [(0.70, 20), (0.72, 30), (0.74, 40)]),
+                              ("every", [(0.60, 25), (0.62, 35), (0.64, 45)]))
+            for s, (a, r) in enumerate(values)]
+    rows = {row["metric"]: row for row in compare(runs)}
+    assert rows["itm_accuracy"]["difference"] == pytest.approx(0.10)
+    assert rows["itm_accuracy"]["2 se"] == pytest.approx(2 * (2 * (0.02 / 3**0.5) ** 2) ** 0.5)  # se = sd / sqrt(3)
+    assert rows["itm_accuracy"]["verdict"] == "matched better"
+    assert rows["r_mean"]["verdict"] == "no real difference"  # -5 within 2 x 8.2
+    assert compare(runs[:1] + runs[3:4])[0]["verdict"] == "too few seeds"

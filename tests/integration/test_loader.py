@@ -89,7 +89,7 @@ def test_masking_does_not_reveal_the_itm_label(dataset):
     for batch, _ in (step[0] for step in steps):
         for row, label in zip(batch.input_ids, batch.itm_labels.tolist()):
             rates[label].append((row == mask_id).float().sum().item())
-        assert (batch.mlm_labels[batch.itm_labels == 0] == -100).all()  # MLM only on matching pairs
+        assert (batch.mlm_labels[batch.itm_labels == 0] != -100).any()  # the model decides which count (mlm())
         assert (batch.mlm_labels[batch.itm_labels == 1] != -100).any()
     assert sum(rates[0]) > 0 and sum(rates[1]) > 0  # mismatched captions are masked too
     assert abs(sum(rates[0]) / len(rates[0]) - sum(rates[1]) / len(rates[1])) < 1.0

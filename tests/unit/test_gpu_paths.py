@@ -146,7 +146,7 @@ def _padded_batch(vocab_size: int) -> PretrainBatch:
     ids = torch.randint(5, vocab_size, (3, 12), generator=gen)
     attention = (torch.arange(12) < torch.tensor(lengths)[:, None]).long()
     labels = torch.where(attention.bool() & (torch.rand(3, 12, generator=gen) < 0.3), ids, IGNORE_INDEX)
-    return PretrainBatch(images, mask, ids, attention, labels, torch.tensor([1, 0, 1]))
+    return PretrainBatch(images, mask, ids, attention, labels, torch.tensor([1, 1, 1]))
 
 
 def _previous_forward(model: PixelBert, batch: PretrainBatch):

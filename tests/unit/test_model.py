@@ -281,3 +281,48 @@ def test_pairs_sharing_an_image_row_equal_pairs_with_their_own_copy(tiny_cfg):
                            batch.attention_mask[index])
     with torch.no_grad():
         torch.testing.assert_close(model(shared).itm_logits, model(copied).itm_logits)
+
+
+def test_mlm_loss_counts_matched_pairs_only_unless_mlm_on_mismatched(tiny_cfg):
+    # One model, two objectives (the option only changes which labels reach the loss), checked
+    # against cross-entropy by hand on the same hidden states.
+    batch = _batch(tiny_cfg.model.vocab_size, [(128, 128), (128, 192), (192, 128), (128, 128)])
+    batch.mlm_labels[:, 2:8] = batch.input_ids[:, 2:8]  # every caption masked, mismatched ones too
+    batch.itm_labels = torch.tensor([1, 0, 1, 0])
+    model = PixelBert(tiny_cfg.model).eval()  # eval: no pixel sampling, the same hidden states each call
+    with torch.no_grad():
+        visual, visual_mask = model.visual(batch.images, batch.pixel_mask)
+        text = model.fuse(batch.input_ids, batch.attention_mask, visual, visual_mask)[:, :10]
+        logits = model.cls.predictions(text).float()
+    # the head predicts half the matched pairs' masked words and all of the mismatched ones':
+    # accuracy over matched pairs is 1/2, over every pair 3/4
+    guess = logits.argmax(-1)
+    batch.mlm_labels[:, 2:8] = guess[:, 2:8]
+    batch.mlm_labels[[0, 2], 5:8] = (guess[[0, 2], 5:8] + 1) % tiny_cfg.model.vocab_size
+    by_hand = torch.nn.functional.cross_entropy(logits[:, 2:8].transpose(1, 2), batch.mlm_labels[:, 2:8],
+                                                reduction="none")
+    matched_only, every_pair = by_hand[[0, 2]].mean(), by_hand.mean()
+    assert not torch.isclose(matched_only, every_pair, rtol=1e-3)  # the check can tell them apart
+
+    out = model(batch)
+    torch.testing.assert_close(out.mlm_loss, matched_only)
+    assert out.mlm_accuracy == 0.5
+    model.cfg = dataclasses.replace(tiny_cfg.model, mlm_on_mismatched=True)
+    out = model(batch)
+    torch.testing.assert_close(out.mlm_loss, every_pair)
+    assert out.mlm_accuracy == 0.5  # still over matched pairs: both objectives report the same measure
+    # without ITM labels (a batch of matched pairs only) every label counts
+    model.cfg = tiny_cfg.model
+    batch.itm_labels = None
+    torch.testing.assert_close(model(batch).mlm_loss, every_pair)
+
+
+def test_a_rank_without_a_matched_masked_token_still_reaches_the_mlm_head(tiny_cfg):
+    model = PixelBert(tiny_cfg.model).train()
+    batch = _batch(tiny_cfg.model.vocab_size, [(128, 128), (128, 192)])
+    batch.itm_labels = torch.tensor([0, 0])  # masked words on mismatched pairs only: none counted
+    out = model(batch)
+    assert out.mlm_loss == 0 and out.mlm_accuracy == 0
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
