@@ -66,6 +66,29 @@ def test_every_entry_point_is_found():
 def test_every_example_in_the_help_names_what_exists(module):
     text = help_text(module)
     assert text.startswith("usage:") or module == "pixelbert_dist.config", text[:200]
+    problems = problems_in(text)
+    assert not problems, "\n".join(problems)
+
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_command_in_the_readme_and_docs_names_what_exists(page):
+    """The same checks on every command block of the README and docs/ (running them needs data,
+    a cluster or a GPU; `make demo` and `make test` run for real in CI)."""
+    text = page.read_text()
+    assert commands(text) or page.name in NO_COMMANDS, f"{page.name}: no command found (the extraction broke?)"
+    problems = problems_in(text)
+    assert not problems, "\n".join(problems)
+
+
+NO_COMMANDS = {"layout.md", "model.md", "faults.md", "tracking.md", "checkpoints.md", "benchmarks.md",
+               "python-api.md"}
+
+
+def problems_in(text: str) -> list[str]:
+    """What an example names that does not exist: config keys, entry points, their options, shipped files."""
     keys, sections = config_keys(), {k.split(".")[0] for k in config_keys()}
     problems = []
     # config keys anywhere in the text (prose too: "train with `--data.train_manifest=OUT`")
@@ -78,7 +101,7 @@ def test_every_example_in_the_help_names_what_exists(module):
         if target not in ENTRY_POINTS:
             problems.append(f"{where}: module {target} is not an entry point")
             continue
-        options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", help_text(target)))
+        options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", help_text(target))) | {"--help"}
         for word in words[words.index(target) + 1:]:
             flag = word.split("=")[0]
             if flag.startswith("--") and "." not in flag and flag not in options:
@@ -86,7 +109,7 @@ def test_every_example_in_the_help_names_what_exists(module):
         for word in words:
             if re.match(r"(configs|cluster)/", word) and "*" not in word and not (REPO / word).exists():
                 problems.append(f"{where}: {word} is not in the repository")
-    assert not problems, "\n".join(problems)
+    return problems
 
 
 def test_the_examples_are_extracted():
