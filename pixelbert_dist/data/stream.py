@@ -82,7 +82,8 @@ def read_segment_skipping(manifest: Manifest, segment: Segment) -> Iterator[Pair
         for index in range(pair, segment.end):
             yield Pair(segment.shard, index, "", b"", "", damage=damage)
     except OSError as err:  # an outage (StorageUnavailable) or a shard that is no file: not damage, the run stops
-        raise OSError(f"{segment.shard}: reading failed: {type(err).__name__}: {err}") from err
+        # the same type (a caller may wait out an outage), the shard named first
+        raise type(err)(f"{segment.shard}: reading failed: {type(err).__name__}: {err}") from err
 
 
 def _read_segment(manifest: Manifest, segment: Segment) -> Iterator[Pair]:

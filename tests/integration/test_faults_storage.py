@@ -212,7 +212,9 @@ def _lost_and_repeated(got: list, reference: list) -> tuple[int, int]:
     return len(set(reference[:len(got)]) - set(got)), len(got) - len(set(got))
 
 
-RETRY_LOG = re.compile(r"s3://faults/clean/(\d{6}\.tar): read at byte (\d+) failed \(attempt (\d) of 3\)")
+# a shard's tar, or its sample table (read when a worker opens the shard): whichever the outage meets
+RETRY_LOG = re.compile(r"s3://faults/clean/(\d{6}\.(?:tar|samples\.npy)): "
+                       r"read at byte (\d+) failed \(attempt (\d) of 3\)")
 
 
 def _epoch_with_outage(cfg, server, outage_s: float, after_batches: int):
@@ -270,7 +272,8 @@ def test_the_loader_stops_with_the_shard_and_offset_named_after_the_bound(own_s3
     got, _, error = _epoch_with_outage(cfg, own_s3, outage_s, after_batches=2)
     failed_after = own_s3.thawed_at - own_s3.frozen_at  # thawed as soon as the loader gave up
     lost, repeated = _lost_and_repeated(got, reference)
-    named = error is not None and re.search(r"s3://faults/clean/\d{6}\.tar: read at byte \d+ failed 3 times",
+    named = error is not None and re.search(r"s3://faults/clean/\d{6}\.(tar|samples\.npy): "
+                                            r"read at byte \d+ failed 3 times",
                                             str(error))
     passed = bool(named) and failed_after < bound + 2 and lost == repeated == 0
     record_fault({
