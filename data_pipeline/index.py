@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", _compressed_note(compressed))
     connect_ray(args.ray_address, args.num_cpus)
     results = run_index(names, urls, out_url, args.max_pixels, progress=not args.no_progress)
+    out.remove_stale_temporaries()  # a task Ray killed mid-write left its temporary; every task is done now
     manifest = write_manifest(out, results, out_url == folder, sources, args.max_pixels, time.time() - started,
                               compressed)
     stats = manifest["stats"]

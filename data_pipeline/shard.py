@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d images in %d shards -> %s", sum(map(len, plan.shards)), len(plan.shards), storage.url)
     connect_ray(args.ray_address, args.num_cpus)
     results = run_shards(plan, settings, storage, progress=not args.no_progress)
+    storage.remove_stale_temporaries()  # a task Ray killed mid-write left its temporary; every task is done now
     manifest = write_manifest(storage, plan, settings, results, args.source, time.time() - started)
     stats = manifest["stats"]
     log.info("wrote %d samples (%d captions) in %d shards to %s in %.1f s; skipped %s",
