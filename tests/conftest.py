@@ -30,6 +30,18 @@ def mlflow_metrics(db: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group (checkpoint mirror code gathers over ranks), unless one is up."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{free_port()}")
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server as a real process on 127.0.0.1; code reaches it only through boto3."""

@@ -192,19 +192,6 @@ def test_from_pretrained_export_and_consolidation_refuse_it_too(checkpoints, tmp
 
 # ---------------------------------------------------------------------------- the mirror
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    from tests.launch import free_port
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{free_port()}")
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.timeout(60)
 def test_a_mirror_key_climbing_out_of_the_checkpoint_folder_refuses_the_fetch(bucket, one_rank_group, tmp_path):
     from data_pipeline.storage import StorageError, open_storage, s3_client

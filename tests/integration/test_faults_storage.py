@@ -30,7 +30,7 @@ import pytest
 from data_pipeline.storage import S3Settings, StorageError, StorageUnavailable, open_storage, s3_client
 from data_pipeline.synthetic import generate
 from tests.faults import record_fault
-from tests.launch import free_port, job_env, start_moto
+from tests.launch import job_env, start_moto
 
 SHORT_BOUNDS = {"PIXELBERT_S3_ATTEMPTS": "3", "PIXELBERT_S3_BACKOFF": "0.25",
                 "PIXELBERT_S3_CONNECT_TIMEOUT": "1", "PIXELBERT_S3_READ_TIMEOUT": "1"}
@@ -334,17 +334,6 @@ def _fake_checkpoint(root: Path, step: int) -> str:
         (folder / name).write_bytes(os.urandom(64 * 1024) if name.endswith(".pt") else b'{"step": %d}' % step)
     (folder / "complete.json").write_text(json.dumps({"step": step, "epoch": 0, "world_size": 1}))
     return tag
-
-
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{free_port()}")
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.timeout(60)
