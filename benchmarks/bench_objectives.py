@@ -34,7 +34,8 @@ from benchmarks.common import RESULTS, append_row, log_mlflow, markdown_table, w
 
 VARIANTS = {"matched": False, "every": True}  # name -> model.mlm_on_mismatched
 VARIANT_TEXT = {"matched": "MLM on matched pairs only", "every": "MLM on every caption"}
-# reported metric -> the MLflow key it is read from; "train/..." ones average the last windows
+# reported metric -> the MLflow key it is read from; "train/..." ones average the last windows.
+# All in percent: the trainer logs accuracies in %, as the recalls (older runs.jsonl rows: in_percent).
 METRICS = {
     "itm_accuracy": "train/itm_accuracy", "mlm_accuracy": "train/mlm_accuracy",
     "image_r1": "eval/zeroshot/image_r1", "image_r5": "eval/zeroshot/image_r5",
@@ -42,7 +43,8 @@ METRICS = {
     "text_r5": "eval/zeroshot/text_r5", "text_r10": "eval/zeroshot/text_r10", "r_mean": "eval/zeroshot/r_mean",
 }
 FINAL_FRACTION = 0.1  # training accuracies: the mean of the windows logged in the last 10% of steps
-LEFT_CHANCE = 0.6  # final ITM accuracy above this: the run broke out of chance (0.5) in its budget
+LEFT_CHANCE = 60.0  # final ITM accuracy (%) above this: the run broke out of chance (50%) in its budget
+ACCURACIES = ("itm_accuracy", "mlm_accuracy")
 
 
 def prepare(work: Path, num_images: int, heldout_images: int) -> Path:
@@ -102,7 +104,15 @@ def train(variant: str, seed: int, args) -> dict:
     if done.returncode:
         raise SystemExit(f"{variant} seed {seed} failed ({done.returncode}); see {folder / 'log.txt'}")
     return {"variant": variant, "seed": seed, "steps": args.steps, **final_metrics(db, args.steps),
-            "wall_s": time.time() - start}
+            "accuracy_unit": "%", "wall_s": time.time() - start}
+
+
+def in_percent(run: dict) -> dict:
+    """A runs.jsonl row with its accuracies in %: rows without "accuracy_unit" were written when
+    the trainer logged them as fractions, and mixing the two would compare 0.6 with 60."""
+    if run.get("accuracy_unit") == "%":
+        return run
+    return {**run, **{name: 100.0 * run[name] for name in ACCURACIES}, "accuracy_unit": "%"}
 
 
 def final_metrics(db: Path, steps: int) -> dict[str, float]:
@@ -157,13 +167,13 @@ def plot(rows: list[dict]):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, (acc, ret) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 7]})
-        for ax, names, scale, label in ((acc, ["itm_accuracy", "mlm_accuracy"], 1.0, "training accuracy, last windows"),
-                                        (ret, [n for n in METRICS if "_r" in n], 1.0, "zero-shot retrieval (%)")):
+        for ax, names, label in ((acc, ACCURACIES, "training accuracy (%), last windows"),
+                                 (ret, [n for n in METRICS if "_r" in n], "zero-shot retrieval (%)")):
             picked = [r for r in rows if r["metric"] in names]
             x = range(len(picked))
             for offset, variant in ((-0.2, "matched"), (0.2, "every")):
-                ax.bar([i + offset for i in x], [r.get(f"{variant} mean", 0) * scale for r in picked], 0.4,
-                       yerr=[2 * r.get(f"{variant} se", 0) * scale for r in picked], capsize=3,
+                ax.bar([i + offset for i in x], [r.get(f"{variant} mean", 0) for r in picked], 0.4,
+                       yerr=[2 * r.get(f"{variant} se", 0) for r in picked], capsize=3,
                        label=VARIANT_TEXT[variant])
             ax.set_xticks(list(x), [r["metric"] for r in picked], rotation=30)
             ax.set_ylabel(label)
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     prepare(args.work, args.num_images, args.heldout_images)
     log = args.work / "runs.jsonl"
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    runs = [in_percent(json.loads(line)) for line in log.read_text().splitlines()] if log.is_file() else []
     runs = [r for r in runs if r["steps"] == args.steps]
     for seed in seeds:  # seed by seed, both variants: a run cut short still compares like with like
         for variant in VARIANTS:
@@ -213,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
             f"runs per variant: {counts}. Every caption is masked in both (else [MASK] would give ITM the answer); "
             f"`matched` = {VARIANT_TEXT['matched']} (`model.mlm_on_mismatched: false`), `every` = "
             f"{VARIANT_TEXT['every']} (`true`).\n\n"
-            f"ITM and MLM accuracy: training batches, the mean of the windows logged (every 25 steps) in the last "
+            f"ITM and MLM accuracy (%): training batches, the mean of the windows logged (every 25 steps) in the last "
             f"{FINAL_FRACTION:.0%} of steps; MLM accuracy over matched pairs' masked words in both variants. "
             f"Retrieval: zero-shot on the {args.heldout_images} held-out images and their captions at the last step "
             f"(ITM head scores, recalls in %). `se`: standard error of the mean over seeds; a difference is real "
             f"only beyond `2 se` = two standard errors of the difference.\n\n"
             f"{markdown_table(rows, columns)}\n\n"
-            f"ITM left chance (final training accuracy above {LEFT_CHANCE}) in " +
+            f"ITM left chance (final training accuracy above {LEFT_CHANCE:.0f}%) in " +
             ", ".join(f"{left_chance[v]} of {counts[v]} `{v}` runs" for v in VARIANTS) + ".\n\n"
             + (f"{args.note}\n\n" if args.note else "") +
             f"Per run:\n\n{markdown_table(runs, ['variant', 'seed', *METRICS, 'wall_s'])}\n\n"

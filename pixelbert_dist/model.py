@@ -38,7 +38,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class PixelBertOutput:
-    """Losses and accuracies; each one alone is there for logging."""
+    """Losses and accuracies; each one alone is there for logging. Accuracies are in percent
+    (0-100), like every accuracy and recall the evaluations and the paper's tables report."""
 
     loss: Tensor
     mlm_loss: Tensor
@@ -209,13 +210,13 @@ class PixelBert(PretrainedMixin, nn.Module):
                                               batch.itm_labels)
         if batch.itm_labels is not None:
             itm_loss = F.cross_entropy(itm_logits.float(), batch.itm_labels)
-            itm_accuracy = (itm_logits.argmax(-1) == batch.itm_labels).float().mean()
+            itm_accuracy = 100.0 * (itm_logits.argmax(-1) == batch.itm_labels).float().mean()
         return PixelBertOutput(loss=mlm_loss + itm_loss, mlm_loss=mlm_loss, mlm_accuracy=mlm_accuracy,
                                itm_loss=itm_loss, itm_accuracy=itm_accuracy,
                                itm_logits=itm_logits, pooled=pooled)
 
     def mlm(self, text: Tensor, labels: Tensor, itm_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Masked-token loss and accuracy, each averaged over the positions it counts.
+        """Masked-token loss and accuracy (in %), each averaged over the positions it counts.
 
         Every caption arrives masked, mismatched ones too (targets.py: otherwise [MASK] tells ITM
         the answer), but the loss counts the masked words of matched pairs only, unless
@@ -238,7 +239,7 @@ class PixelBert(PretrainedMixin, nn.Module):
         losses = F.cross_entropy(logits.flatten(0, 1), trained.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         hits = (logits.argmax(-1) == matched) & (matched != IGNORE_INDEX)
         return (losses.sum() / (trained != IGNORE_INDEX).sum().clamp(min=1),
-                hits.sum() / (matched != IGNORE_INDEX).sum().clamp(min=1))
+                100.0 * hits.sum() / (matched != IGNORE_INDEX).sum().clamp(min=1))
 
 
 def prepare_for_training(model: "PixelBert", train: TrainConfig, device: torch.device) -> None:

@@ -38,7 +38,9 @@ ANSWERS = "answers.json"  # a saved VQA model's answer vocabulary
 @dataclasses.dataclass
 class TaskOutput:
     loss: Tensor
-    accuracy: Tensor  # vqa: soft score of the top answer; nlvr2: accuracy; retrieval: true caption ranked first
+    # in % (0-100), as evaluation reports it; vqa: soft score of the top answer; nlvr2: accuracy;
+    # retrieval: true caption ranked first
+    accuracy: Tensor
     logits: Tensor    # vqa (B, answers); nlvr2 (B, 2); retrieval (B, 1 + hard negatives)
 
 

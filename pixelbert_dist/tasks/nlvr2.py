@@ -30,7 +30,7 @@ class PixelBertForNLVR2(base.PixelBertForTask):
         if batch.labels is None:
             return base.TaskOutput(logits.new_zeros(()), logits.new_zeros(()), logits)
         loss = F.cross_entropy(logits, batch.labels)
-        return base.TaskOutput(loss, (logits.argmax(-1) == batch.labels).float().mean(), logits)
+        return base.TaskOutput(loss, 100.0 * (logits.argmax(-1) == batch.labels).float().mean(), logits)
 
 
 class Nlvr2Accuracy:

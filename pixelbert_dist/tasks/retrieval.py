@@ -52,7 +52,7 @@ class PixelBertForRetrieval(base.PixelBertForTask):
                                    visual_mask[rows]).float().reshape(len(keep), -1)
         target = torch.zeros(len(keep), dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, target)
-        return base.TaskOutput(loss, (scores.argmax(-1) == 0).float().mean(), logits)
+        return base.TaskOutput(loss, 100.0 * (scores.argmax(-1) == 0).float().mean(), logits)
 
 
 def resolve(cfg, tokenizer) -> ResolvedRun:

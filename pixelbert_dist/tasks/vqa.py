@@ -33,7 +33,7 @@ class PixelBertForVQA(base.PixelBertForTask):
         # mean over answers x the answer count: the sum over answers, as VQA models train it
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels) * logits.shape[1]
         top = logits.argmax(-1, keepdim=True)
-        return base.TaskOutput(loss, batch.labels.gather(1, top).mean(), logits)
+        return base.TaskOutput(loss, 100.0 * batch.labels.gather(1, top).mean(), logits)
 
 
 class VqaAccuracy:

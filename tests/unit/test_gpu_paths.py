@@ -164,7 +164,7 @@ def _previous_forward(model: PixelBert, batch: PretrainBatch):
     logits = model.cls.predictions(hidden[:, : batch.input_ids.shape[1]][selected]).float()
     targets = batch.mlm_labels[selected]
     mlm_loss = F.cross_entropy(logits, targets)
-    return {"mlm_loss": mlm_loss, "mlm_accuracy": (logits.argmax(-1) == targets).float().mean(),
+    return {"mlm_loss": mlm_loss, "mlm_accuracy": 100 * (logits.argmax(-1) == targets).float().mean(),
             "itm_loss": F.cross_entropy(itm_logits.float(), batch.itm_labels), "itm_logits": itm_logits}
 
 

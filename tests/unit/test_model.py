@@ -295,7 +295,7 @@ def test_mlm_loss_counts_matched_pairs_only_unless_mlm_on_mismatched(tiny_cfg):
         text = model.fuse(batch.input_ids, batch.attention_mask, visual, visual_mask)[:, :10]
         logits = model.cls.predictions(text).float()
     # the head predicts half the matched pairs' masked words and all of the mismatched ones':
-    # accuracy over matched pairs is 1/2, over every pair 3/4
+    # accuracy over matched pairs is 50%, over every pair 75%
     guess = logits.argmax(-1)
     batch.mlm_labels[:, 2:8] = guess[:, 2:8]
     batch.mlm_labels[[0, 2], 5:8] = (guess[[0, 2], 5:8] + 1) % tiny_cfg.model.vocab_size
@@ -306,15 +306,25 @@ def test_mlm_loss_counts_matched_pairs_only_unless_mlm_on_mismatched(tiny_cfg):
 
     out = model(batch)
     torch.testing.assert_close(out.mlm_loss, matched_only)
-    assert out.mlm_accuracy == 0.5
+    assert out.mlm_accuracy == 50.0  # in %, as every accuracy we log
     model.cfg = dataclasses.replace(tiny_cfg.model, mlm_on_mismatched=True)
     out = model(batch)
     torch.testing.assert_close(out.mlm_loss, every_pair)
-    assert out.mlm_accuracy == 0.5  # still over matched pairs: both objectives report the same measure
+    assert out.mlm_accuracy == 50.0  # still over matched pairs: both objectives report the same measure
     # without ITM labels (a batch of matched pairs only) every label counts
     model.cfg = tiny_cfg.model
     batch.itm_labels = None
     torch.testing.assert_close(model(batch).mlm_loss, every_pair)
+
+
+def test_itm_accuracy_is_a_percentage(tiny_cfg):
+    model = PixelBert(tiny_cfg.model).eval()  # eval: no pixel sampling, the same logits each call
+    batch = _batch(tiny_cfg.model.vocab_size, [(128, 128), (128, 192), (192, 128), (128, 128)])
+    with torch.no_grad():
+        guess = model(batch).itm_logits.argmax(-1)
+    batch.itm_labels = guess.clone()
+    batch.itm_labels[0] = 1 - guess[0]  # 3 of 4 pairs predicted right
+    assert model(batch).itm_accuracy == 75.0
 
 
 def test_a_rank_without_a_matched_masked_token_still_reaches_the_mlm_head(tiny_cfg):

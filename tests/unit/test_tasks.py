@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -50,7 +51,7 @@ def test_vqa_head_is_binary_cross_entropy_over_answers_on_all_visual_tokens():
     expected = F.binary_cross_entropy_with_logits(out.logits, labels, reduction="sum") / 2
     assert torch.allclose(out.loss, expected, atol=1e-5)
     top = out.logits.argmax(-1)
-    assert torch.isclose(out.accuracy, labels[torch.arange(2), top].mean())
+    assert torch.isclose(out.accuracy, 100 * labels[torch.arange(2), top].mean())  # in %, as evaluation
     # no pixel sampling in fine-tuning: the same batch gives the same logits twice in train mode
     assert torch.equal(model(_batch(2, 2, [0, 1], labels)).logits, out.logits)
 
@@ -66,6 +67,9 @@ def test_nlvr2_concatenates_the_two_images_cls_vectors():
     assert torch.allclose(out.logits, by_hand, atol=1e-5)
     swapped = _batch(4, 4, [1, 0, 3, 2], torch.tensor([1, 0]))  # left and right exchanged
     assert not torch.allclose(model(swapped).logits, out.logits)
+    labels = out.logits.argmax(-1)
+    labels[0] = 1 - labels[0]  # one of two pairs predicted right
+    assert model(_batch(4, 4, [0, 1, 2, 3], labels)).accuracy == 50.0  # in %, as evaluation
 
 
 def test_retrieval_takes_gradients_from_the_hardest_negatives_and_keeps_the_cnn_frozen():
@@ -86,6 +90,10 @@ def test_retrieval_takes_gradients_from_the_hardest_negatives_and_keeps_the_cnn_
     assert model.body.visual.proj.weight.grad is not None
     for key, value in model.body.visual.cnn.state_dict().items():  # batch-norm statistics too
         assert torch.equal(value, stats[key]), key
+    # each image's best-scored caption moved first: the true caption ranks first for all, 100%
+    best_first = (scores.argsort(dim=1, descending=True) + 5 * torch.arange(3)[:, None]).flatten()
+    ranked = dataclasses.replace(batch, input_ids=batch.input_ids[best_first])
+    assert model(ranked).accuracy == 100.0
 
 
 def test_retrieval_head_starts_as_the_itm_heads_match_log_odds():
