@@ -83,7 +83,7 @@ def test_every_command_in_the_readme_and_docs_names_what_exists(page):
     assert not problems, "\n".join(problems)
 
 
-NO_COMMANDS = {"layout.md", "model.md", "faults.md", "tracking.md", "checkpoints.md", "benchmarks.md",
+NO_COMMANDS = {"layout.md", "faults.md", "tracking.md", "checkpoints.md", "benchmarks.md",
                "python-api.md"}
 
 
