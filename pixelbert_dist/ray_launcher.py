@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 GPU_ENV = "PIXELBERT_RAY_GPU"
@@ -59,7 +60,21 @@ def check_worker_device(gpu: bool) -> None:
                            f"{GPU_ENV}=0 to train on CPUs")
 
 
+def enter_callers_folder(folder: str) -> None:
+    """In a worker: run in the folder the job was started from, so relative paths in the command
+    line (config, data, checkpoints) mean what they meant there. Ray starts workers in its own
+    session folder; under `ray job submit --working-dir` the driver's folder is the unpacked copy,
+    which every node holds at the same path. A node without the folder keeps Ray's and says so."""
+    if os.path.isdir(folder):
+        os.chdir(folder)
+    else:
+        print(f"Ray worker on {socket.gethostname()}: the job's folder {folder} is not on this node; relative "
+              f"paths resolve against {os.getcwd()} (use absolute paths, shared storage, or ray job submit "
+              f"--working-dir)", flush=True)
+
+
 def _worker(config: dict) -> None:
+    enter_callers_folder(config["cwd"])
     check_worker_device(config["gpu"])
     code = config["run"](launcher="ray")
     if code != 0:
@@ -69,7 +84,7 @@ def _worker(config: dict) -> None:
 def launch(run: Callable[..., int], job: str, num_workers: int, max_failures: int) -> int:
     """Run `run(launcher="ray")` in `num_workers` Ray Train workers; 0 if the group finished."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     wanted = wanted_from_env(os.environ.get(GPU_ENV))  # a bad value fails before Ray starts
@@ -82,11 +97,16 @@ def launch(run: Callable[..., int], job: str, num_workers: int, max_failures: in
           flush=True)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"run": run, "job": job, "gpu": gpu},
+        train_loop_config={"run": run, "job": job, "gpu": gpu, "cwd": os.getcwd()},
         torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu),
         run_config=RunConfig(name=f"pixelbert-{job}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:  # Ray Train v2 raises where v1 returned result.error
+        print(f"{job}: the Ray Train group failed after {max_failures} restart(s): {error}", file=sys.stderr,
+              flush=True)
+        return 1
     return 0 if result.error is None else 1

@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# DeepSpeed JIT-builds its shm comm op (18 s) at init. It was rebuilt over and over: ninja from
+# the venv (1.13) and the system's (1.11) hash commands differently, so jobs started with and
+# without the venv on PATH each found the other's build stale; and ~/.cache/torch_extensions is
+# shared with other checkouts. The venv first on PATH, as if activated, and one folder per venv:
+# built once for the suite.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 from pixelbert_dist.config import load_config  # noqa: E402
 from tests.launch import REPO, free_port, start_moto, wait_until_answering  # noqa: E402
@@ -94,11 +102,16 @@ def ray_head(tmp_path_factory):
 
     bin_dir = Path(sys.executable).parent
     port, dashboard = free_port(), free_port()
-    import uuid
-    # Ray 2.60 turns token authentication on for a head node; the client needs the same token.
+    # Token authentication as docs/training.md sets it up: RAY_AUTH_MODE=token for the head and the
+    # client, and one token made by `ray get-auth-token --generate` in ~/.ray/auth_token (a home of
+    # its own here, so the user's token is neither read nor overwritten).
+    home = tmp_path_factory.mktemp("ray-home")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
-    env.pop("RAY_ADDRESS", None)
+           "RAY_AUTH_MODE": "token", "HOME": str(home)}
+    for inherited in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(inherited, None)
+    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    assert (home / ".ray" / "auth_token").stat().st_size > 0
     proc = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",

@@ -18,7 +18,7 @@ from pixelbert_dist.engine import deepspeed_config
 from tests.datasets import synthetic_shards
 from tests.faults import record_fault
 from tests.conftest import TINY, mlflow_metrics as _metrics
-from tests.launch import BIN, REPO, free_port, job_env, run_job, start_job
+from tests.launch import BIN, REPO, free_port, job_env, run_job
 
 
 
@@ -81,13 +81,29 @@ def _pairs_log(workdir: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage):
+def _two_rank_run(data, workdir: Path, stage: int, extra: list[str] = (), **overrides) -> subprocess.CompletedProcess:
     # zero-shot retrieval on held-out images every 4 steps (here: 6 images of the training set),
     # split over the ranks; under ZeRO-3 every forward gathers parameters from both
-    done = _torchrun(2, _argv(data, tmp_path, deepspeed__zero_stage=stage, train__max_steps=8,
-                              data__eval_manifest=data[0], train__eval_every=4, train__eval_images=6), tmp_path)
+    settings = dict(deepspeed__zero_stage=stage, train__max_steps=8, data__eval_manifest=data[0], train__eval_every=4,
+                    train__eval_images=6)
+    return _torchrun(2, _argv(data, workdir, **{**settings, **overrides}), workdir, extra)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted 2-rank ZeRO-2 run of 8 steps: checked on its own, and the run a resumed
+    one must reproduce (each job costs the suite ~15 s)."""
+    workdir = tmp_path_factory.mktemp("zero2")
+    return workdir, _two_rank_run(data, workdir, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage, request):
+    if stage == 2:
+        tmp_path, done = request.getfixturevalue("zero2_run")
+    else:
+        done = _two_rank_run(data, tmp_path, stage)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = _metrics(tmp_path / "mlruns.db")  # in MLflow's chart sections: the part before '/'
     assert [s for s, _ in metrics["eval/zeroshot/text_r1"]] == [4, 8]
@@ -101,6 +117,8 @@ def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage):
     assert {key.partition("/")[0] for key in metrics} <= {"train", "eval", "perf", "phase", "lr", "progress", "data",
                                                           "system"}, sorted(metrics)
     assert all(0 < v < 1 for _, v in metrics["perf/mfu"])
+    itm = [v for _, v in metrics["train/itm_accuracy"]]  # in %, as evaluation reports: ~50 before ITM learns
+    assert all(0 <= v <= 100 for v in itm) and max(itm) > 1
     for step in range(1, 9):  # the phases and the rest make up the step
         fracs = sum(dict(metrics[k])[step] for k in metrics if k.startswith("phase/") and k.endswith("_fraction"))
         assert fracs == pytest.approx(1.0, abs=1e-6)
@@ -134,15 +152,14 @@ def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run_and_2_ranks_resume_as_1(data, tmp_path):
-    full = tmp_path / "full"
-    done = _torchrun(2, _argv(data, full, train__max_steps=8), full)
+def test_resume_reproduces_the_uninterrupted_run_and_2_ranks_resume_as_1(data, tmp_path, zero2_run):
+    full, done = zero2_run
     assert done.returncode == 0, done.stderr[-3000:]
 
     part = tmp_path / "part"
-    done = _torchrun(2, _argv(data, part, train__max_steps=4), part)
+    done = _two_rank_run(data, part, 2, train__max_steps=4)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = _torchrun(2, _argv(data, part, train__max_steps=8), part, ["--resume", "auto"])
+    done = _two_rank_run(data, part, 2, ["--resume", "auto"])
     assert done.returncode == 0, done.stderr[-3000:]
     expected = {(r["rank"], r["step"], tuple(map(tuple, r["pairs"]))): r["loss"] for r in _pairs_log(full)}
     resumed = {(r["rank"], r["step"], tuple(map(tuple, r["pairs"]))): r["loss"] for r in _pairs_log(part)}
@@ -175,15 +192,20 @@ def test_resume_reproduces_the_uninterrupted_run_and_2_ranks_resume_as_1(data, t
 def test_compiled_zero2_run_trains_on_the_eager_runs_losses(data, tmp_path):
     # train.compile under the DeepSpeed engine (ZeRO-2's gradient hooks on compiled modules),
     # frozen norms folded, canvases bucketed to 128 px. CNN widths 16..128: see test_step_options.
+    # The eager run also meets a tracking server that is down: a warning, not the run's end.
     losses = {}
     for compiled in (False, True):
         workdir = tmp_path / f"compile-{compiled}"
+        tracking = {} if compiled else {"tracking__uri": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
         done = _torchrun(1, _argv(data, workdir, train__max_steps=3, train__compile=compiled,
                                   model__train_backbone_norm="false", model__backbone_widths="[16,32,64,128]",
                                   data__pad_multiple=128, data__num_workers=0, train__micro_batch_size=4,
-                                  train__global_batch_size=4), workdir)
+                                  train__global_batch_size=4, **tracking), workdir)
         assert done.returncode == 0, done.stderr[-3000:]
         losses[compiled] = [r["loss"] for r in _pairs_log(workdir)]
+        if not compiled:
+            assert "MLflow start failed" in done.stderr and "training continues without tracking" in done.stderr
+            assert (workdir / "ckpt" / "step00000003" / "complete.json").exists()
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
@@ -209,12 +231,17 @@ def test_deepspeed_json_conflicts_and_shapes_are_named_before_training(tmp_path)
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_with_the_shipped_hostfile_trains_a_mixture(data, tmp_path):
+def test_deepspeed_launcher_trains_a_mixture_mirrors_to_s3_and_a_fresh_node_resumes_from_the_mirror(data, tmp_path,
+                                                                                                      bucket):
     # the same shards as two datasets of a mixture (weights 1 and 0.5): both are read and logged
+    from data_pipeline.storage import open_storage
     mixture = f"[{{name: a, manifest: '{data[0]}', weight: 1}}, {{name: b, manifest: '{data[0]}', weight: 0.5}}]"
+    mirror = f"s3://{bucket}/run1"
+    settings = dict(data__train_manifest="", data__mixture=mixture, checkpoint__every_steps=2,
+                    checkpoint__keep_last=1, checkpoint__mirror=mirror)
     command = [str(BIN / "deepspeed"), "--hostfile", str(REPO / "cluster/hosts"), "--no_ssh", "--node_rank=0",
                "--master_addr", "127.0.0.1", f"--master_port={free_port()}", "--module", "pixelbert_dist.pretrain",
-               *_argv(data, tmp_path, train__max_steps=3, data__train_manifest="", data__mixture=mixture)]
+               *_argv(data, tmp_path, train__max_steps=4, **settings)]
     env = {**job_env(), "PATH": f"{BIN}:{os.environ['PATH']}"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -227,57 +254,8 @@ def test_deepspeed_launcher_with_the_shipped_hostfile_trains_a_mixture(data, tmp
     trained = Counter(shard.partition("/")[0] for r in rows for shard, _ in r["pairs"])
     metrics = _metrics(tmp_path / "mlruns.db")
     logged = {name: metrics[f"data/pairs/{name}"][-1][1] for name in "ab"}
-    assert logged == trained and sum(trained.values()) == 3 * 8  # every pair trained, counted under its dataset
+    assert logged == trained and sum(trained.values()) == 4 * 8  # every pair trained, counted under its dataset
 
-
-def test_bf16_run_and_a_tracking_server_that_is_down(data, tmp_path):
-    # one run, two behaviours (each process start costs the suite ~15 s):
-    # DeepSpeed keeps buffers fp32 unless told, and the norms' statistics then break bf16 convs;
-    # a tracking server that is down costs a warning, not the run
-    port = free_port()  # nothing listens here
-    done = _torchrun(1, _argv(data, tmp_path, train__max_steps=2, train__precision="bf16", train__micro_batch_size=2,
-                              train__global_batch_size=2,
-                              tracking__uri=f"http://127.0.0.1:{port}"), tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "MLflow start failed" in done.stderr and "training continues without tracking" in done.stderr
-    assert (tmp_path / "ckpt" / "step00000002" / "complete.json").exists()
-
-
-@pytest.mark.slow
-def test_kill_minus_9_of_one_rank_fails_the_job_quickly_and_resume_auto_finishes_it(data, tmp_path):
-    import signal
-    import time
-
-    import psutil
-    argv = _argv(data, tmp_path, train__max_steps=10, checkpoint__every_steps=2)
-    proc = start_job("pretrain", argv, tmp_path, nproc=2, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                     text=True)
-    deadline = time.time() + 180
-    while not (tmp_path / "ckpt" / "step00000002" / "complete.json").exists():
-        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
-        time.sleep(0.1)
-    victim = next(p for p in psutil.Process(proc.pid).children(recursive=True)
-                  if p.environ().get("RANK") == "1" and "pixelbert_dist.pretrain" in " ".join(p.cmdline()))
-    victim.send_signal(signal.SIGKILL)
-    killed_at = time.time()
-    proc.wait(timeout=120)
-    assert proc.returncode != 0
-    assert time.time() - killed_at < 90  # the surviving rank did not hang
-
-    done = _torchrun(2, argv, tmp_path, ["--resume", "auto"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stderr
-    assert (tmp_path / "ckpt" / "step00000010" / "complete.json").exists()
-
-
-@pytest.mark.slow
-def test_checkpoints_mirrored_to_s3_resume_on_a_node_that_lost_its_local_copies(data, tmp_path, bucket):
-    from data_pipeline.storage import open_storage
-    mirror = f"s3://{bucket}/run1"
-    argv = _argv(data, tmp_path, train__max_steps=4, checkpoint__every_steps=2, checkpoint__keep_last=1,
-                 checkpoint__mirror=mirror)
-    done = _torchrun(2, argv, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
     local = tmp_path / "ckpt" / "step00000004"
     mirrored = [n for n in open_storage(mirror).list()]
     assert all(n.startswith("step00000004/") for n in mirrored)  # step 2 pruned there too
@@ -288,8 +266,7 @@ def test_checkpoints_mirrored_to_s3_resume_on_a_node_that_lost_its_local_copies(
     # a fresh node: no local checkpoints; --resume auto fetches step 4 and continues to 6
     import shutil
     shutil.rmtree(tmp_path / "ckpt")
-    done = _torchrun(2, _argv(data, tmp_path, train__max_steps=6, checkpoint__every_steps=2,
-                              checkpoint__keep_last=1, checkpoint__mirror=mirror), tmp_path, ["--resume", "auto"])
+    done = _torchrun(2, _argv(data, tmp_path, train__max_steps=6, **settings), tmp_path, ["--resume", "auto"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr and "step 4" in done.stderr
     steps = sorted({r["step"] for r in _pairs_log(tmp_path)})
@@ -323,6 +300,21 @@ def test_ray_launcher_under_ray_job_submit_on_a_ray_start_cluster(data, tmp_path
         params = dict(con.execute("select key, value from params").fetchall())
     assert tags["launcher"] == "ray" and params["world_size"] == "2"
     assert (tmp_path / "ckpt" / "step00000003" / "complete.json").exists()
+
+
+def test_ray_workers_run_in_the_folder_the_job_was_started_from(tmp_path, monkeypatch, capsys, ray_local):
+    # `python -m pixelbert_dist.pretrain --launcher ray --config configs/...` run directly (not
+    # through `ray job submit --working-dir`): Ray starts its workers in its own session folder,
+    # where the command line's relative paths named nothing
+    from pixelbert_dist import ray_launcher
+    (tmp_path / "relative.txt").write_text("found")
+    monkeypatch.chdir(tmp_path)
+
+    def run(launcher: str) -> int:  # a job's run function, as cli.py hands it over
+        return 0 if Path("relative.txt").is_file() and launcher == "ray" else 3
+
+    monkeypatch.setenv("PIXELBERT_RAY_STORAGE", str(tmp_path / "ray"))
+    assert ray_launcher.launch(run, "probe", num_workers=1, max_failures=0) == 0, capsys.readouterr().err[-3000:]
 
 
 def _rest(url: str, body: dict | None = None) -> dict:
