@@ -10,7 +10,8 @@
 A run that cannot go on (its data past the damage bound, a lost rank, an object store that
 stays down) ends with one line on stderr saying why and where, its traceback in the log at
 debug level; any other error with its traceback. Either way the process leaves at once
-(distributed.finish): no teardown waits on loader workers or on ranks that are gone.
+(distributed.finish): no teardown waits on loader workers or on ranks that are gone. Rank 0
+first ends its MLflow run FAILED with that line (KILLED after Ctrl-C; tracking.py: SIGTERM).
 """
 
 from __future__ import annotations
@@ -97,10 +98,15 @@ def run_job(job: str, config: str, overrides: tuple[str, ...], resume: str | Non
     except (DataDamageError, distributed.PeerLost, StorageError, OSError) as err:
         log.debug("the run stopped:", exc_info=True)
         print(f"error: {redact(_one_line(err))}", file=sys.stderr, flush=True)
+        trainer.tracker.end(failure=_one_line(err))  # the MLflow run: FAILED, with that line
         return 1
-    except Exception:  # noqa: BLE001 - a bug: its traceback, then the same prompt exit
+    except Exception as err:  # noqa: BLE001 - a bug: its traceback, then the same prompt exit
         log.exception("the run failed at step %d", trainer.step)
+        trainer.tracker.end(failure=f"step {trainer.step}: {type(err).__name__}: {_one_line(err)}")
         return 1
+    except KeyboardInterrupt:
+        trainer.tracker.end(failure=f"interrupted (Ctrl-C) at step {trainer.step}", killed=True)
+        raise
     if info.is_main:
         print(f"done at step {trainer.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return 0

@@ -1,6 +1,6 @@
 """Evaluation split over ranks: one Evaluator interface, the inference loops that feed it, the metrics.
 
-    pairs = read_pairs(Manifest("s3://bucket/vqa-val"))         # every (image, text, target)
+    pairs = read_pairs(Manifest("s3://bucket/vqa-val"))         # every (image, text, target); .skipped: damaged
     with inference_context(model):                              # eval mode, no graph; restored after
         metrics = run(evaluator, classify(model, builder, pairs, device, batch_size))
     retrieval(visual_tokens, match_scores, pairs, tokenizer, data_cfg, device, batch_size)  # Recall@K
@@ -17,8 +17,10 @@ that stopped early would leave the others waiting.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -28,13 +30,15 @@ from torch import Tensor
 
 from data_pipeline.answers import normalize_answer
 from pixelbert_dist import distributed
-from pixelbert_dist.config import DataConfig
+from pixelbert_dist.config import DataConfig, redact
 from pixelbert_dist.data.batch import decode_resize
+from pixelbert_dist.data.loader import DataDamageError, past_the_bound
 from pixelbert_dist.data.plan import Manifest, Segment
-from pixelbert_dist.data.stream import Pair, read_segment
+from pixelbert_dist.data.stream import Pair, read_segment_skipping
 from pixelbert_dist.data.types import TOKEN_STRIDE, pad_images
 from pixelbert_dist.tokenizer import encode_captions
 
+log = logging.getLogger("pixelbert_dist.evaluate")
 RECALL_AT = (1, 5, 10)
 
 
@@ -85,18 +89,48 @@ def recall_over_folds(scores: Tensor, caption_image: Tensor, folds: int) -> dict
 
 # ---------------------------------------------------------------------------- data
 
-def read_pairs(manifest: Manifest, max_images: int = 0) -> list[Pair]:
-    """Every pair of a (held-out) dataset, shard by shard; the first `max_images` images if > 0."""
-    pairs: list[Pair] = []
+class HeldOut(list):
+    """The held-out pairs that could be read, in shard order (a list of Pair), and what was not."""
+
+    skipped = 0
+    """Pairs left out as damaged (the loader's reasons: data/stream.py SKIP_REASONS)."""
+
+
+def read_pairs(manifest: Manifest, max_images: int = 0,
+               max_skipped_fraction: float = DataConfig.max_skipped_fraction) -> HeldOut:
+    """Every pair of a (held-out) dataset, shard by shard; the first `max_images` images if > 0.
+
+    Damage costs its pairs as in training (the same reading, data/stream.py): each shard's
+    first bad sample is logged, the pairs counted in `skipped`; more than
+    `max_skipped_fraction` (data.max_skipped_fraction) of the pairs read stops with
+    DataDamageError naming the shards."""
+    pairs, damaged = HeldOut(), {}  # damaged: shard -> pairs and reasons, as the loader reports it
     images: set[str] = set()
+    logs = distributed.rank_and_world()[0] == 0  # every rank reads the whole set: one says what it skipped
     for shard in manifest.shard_names():
-        for pair in read_segment(manifest, Segment(shard, 0, manifest.num_pairs(shard))):
+        for pair in read_segment_skipping(manifest, Segment(shard, 0, manifest.num_pairs(shard))):
             if max_images and pair.key not in images and len(images) == max_images:
+                continue  # (a damaged pair's key is "": past the images asked for, not counted)
+            if pair.damage is not None:
+                if logs and shard not in damaged:
+                    log.warning("skipping damaged held-out data in %s (%s; more in this shard is counted, not "
+                                "logged): %s", shard, pair.damage.reason, " ".join(str(pair.damage.error).split()))
+                counted = damaged.setdefault(shard, {"pairs": 0, "reasons": Counter()})
+                counted["pairs"] += 1
+                counted["reasons"][pair.damage.reason] += 1
                 continue
             images.add(pair.key)
             pairs.append(pair)
         if max_images and len(images) == max_images:
             break
+    pairs.skipped = sum(d["pairs"] for d in damaged.values())
+    bound = int(max_skipped_fraction * (len(pairs) + pairs.skipped))
+    if pairs.skipped > bound:
+        raise DataDamageError(f"held-out set {manifest.url}: pairs skipped: "
+                              f"{past_the_bound([damaged], pairs.skipped, bound, max_skipped_fraction)}")
+    if pairs.skipped and logs:
+        log.warning("held-out set %s: %d pairs skipped as damaged, %d evaluated", redact(manifest.url),
+                    pairs.skipped, len(pairs))
     if not pairs:
         raise ValueError(f"{manifest.url} holds no pairs to evaluate on")
     return pairs

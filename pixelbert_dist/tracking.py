@@ -9,14 +9,21 @@ Credentials: an http(s) URI's user info (`https://user:pw@host`, or `https://TOK
 moved into MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD (or MLFLOW_TRACKING_TOKEN) before
 MLflow sees the URI, so no URL MLflow prints or raises holds them; the health check sends
 them as MLflow will, in an Authorization header. Everything logged here is redacted.
+
+A run ends FINISHED, FAILED (an error: its one line in the tag `failure`) or KILLED (Ctrl-C,
+SIGTERM), never left RUNNING by a run that stopped: the entry point (cli.py) ends it with
+the error, and SIGTERM ends it before the process dies of it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import urllib.request
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -111,6 +118,7 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig, enabled: bool) -> None:
         self.cfg, self.enabled, self.run_id = cfg, enabled, None
+        self._sigterm_before = None  # the SIGTERM handler start() replaced; end() puts it back
 
     def _call(self, what: str, fn, *args, **kwargs):
         if not self.enabled:
@@ -150,6 +158,10 @@ class Tracker:
             return run.info.run_id
 
         self.run_id = self._call("start", begin)
+        if self.run_id is not None and threading.current_thread() is threading.main_thread():
+            # (Ray Train runs the job in a thread of its worker: Ray owns that process's signals)
+            self._pid = os.getpid()
+            self._sigterm_before = signal.signal(signal.SIGTERM, self._on_sigterm) or signal.SIG_DFL
         return self.run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -183,9 +195,46 @@ class Tracker:
             return client.create_model_version(name, source, run_id=self.run_id).version
         return self._call("register_model", create)
 
-    def end(self) -> None:
+    def end(self, failure: str | None = None, killed: bool = False) -> None:
+        """End the run (once): FINISHED; with `failure`, the one line that says why, FAILED, or
+        KILLED if `killed` (Ctrl-C, SIGTERM), the line in the tag `failure`."""
+        if self.run_id is None or not self.enabled:
+            return  # no run started here, or it already ended (a tag now would start a new one)
         import mlflow
-        self._call("end_run", mlflow.end_run)
+        status = "FINISHED" if failure is None else "KILLED" if killed else "FAILED"
+        with _signals_held():
+            if failure is not None:
+                self.tag("failure", failure[:_TAG_CHARS])
+            self._call("end_run", mlflow.end_run, status)
+        self.enabled = False
+        if self._sigterm_before is not None:
+            signal.signal(signal.SIGTERM, self._sigterm_before)
+
+    def _on_sigterm(self, signum: int, frame) -> None:
+        """SIGTERM (a launcher stopping its ranks, a scheduler's preemption): the run ends KILLED,
+        then the signal goes to the handler there was before start(): the process dies of it."""
+        if os.getpid() == self._pid:  # not a loader worker forked after start(): it has no run
+            self.end(failure="stopped by SIGTERM", killed=True)
+        signal.signal(signum, self._sigterm_before)
+        os.kill(os.getpid(), signum)
+
+
+_TAG_CHARS = 5000  # MLflow refuses a tag value over 8,000 characters (and would leave the run RUNNING)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM ignored inside, in the main thread: a second Ctrl-C, or the SIGTERM
+    torchrun sends its ranks after one, must not cut short the record of why the run ended."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
 
 
 def run_tags(launcher: str, hosts: list[str]) -> dict[str, str]:

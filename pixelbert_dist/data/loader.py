@@ -309,6 +309,13 @@ def damage_error(reports: list[dict[str, dict]], skipped: int, bound: int, fract
                  epoch: int) -> DataDamageError:
     """The one line every rank stops with: how many pairs, the bound, and the damaged shards of
     all ranks' `damaged` (most pairs first)."""
+    return DataDamageError(f"step {step}: pairs skipped in epoch {epoch}: "
+                           f"{past_the_bound(reports, skipped, bound, fraction)}")
+
+
+def past_the_bound(reports: list[dict[str, dict]], skipped: int, bound: int, fraction: float) -> str:
+    """"N, more than data.max_skipped_fraction=F allows (B); damaged shards: ..." and what to do:
+    damage_error's words, which evaluation's held-out set stops with too."""
     shards: dict[str, dict] = {}
     for report in reports:
         for shard, damaged in report.items():
@@ -319,8 +326,7 @@ def damage_error(reports: list[dict[str, dict]], skipped: int, bound: int, fract
     listed = ", ".join(f"{shard} ({', '.join(f'{r} {n}' for r, n in sorted(d['reasons'].items()))})"
                        for shard, d in named[:10])
     more = f" and {len(named) - 10} more" if len(named) > 10 else ""
-    return DataDamageError(
-        f"step {step}: pairs skipped in epoch {epoch}: {skipped}, more than data.max_skipped_fraction={fraction} "
-        f"allows ({bound}); damaged shards: {listed or 'none named (images that failed on the GPU)'}{more}. "
-        "Each shard's first bad sample is in the log; `python -m data_pipeline.verify` lists them all. "
-        "Repair or drop those shards, or raise data.max_skipped_fraction to go on.")
+    return (f"{skipped}, more than data.max_skipped_fraction={fraction} allows ({bound}); "
+            f"damaged shards: {listed or 'none named (images that failed on the GPU)'}{more}. "
+            "Each shard's first bad sample is in the log; `python -m data_pipeline.verify` lists them all. "
+            "Repair or drop those shards, or raise data.max_skipped_fraction to go on.")

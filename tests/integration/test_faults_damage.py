@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import sqlite3
 import subprocess
 import tarfile
 import time
@@ -23,15 +24,20 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_pipeline.sample_table import table_name
 from data_pipeline.shard_format import MANIFEST, ShardFormatError, read_samples
 from data_pipeline.storage import open_storage
 from data_pipeline.verify import check_shard
 from pixelbert_dist.config import load_config
-from pixelbert_dist.data.loader import StreamingLoader, merge_states
+from pixelbert_dist.data.loader import DataDamageError, StreamingLoader, merge_states
 from pixelbert_dist.data.plan import Manifest, Segment, remaining_segments, round_robin, split_even
 from pixelbert_dist.data.stream import read_segment_skipping
+from pixelbert_dist.evaluate import read_pairs
+from pixelbert_dist.model import PixelBert
+from pixelbert_dist.pretraining import PRETRAINING, zero_shot_retrieval
+from pixelbert_dist.tokenizer import load_tokenizer
 from tests.conftest import TINY
 from tests.datasets import synthetic_shards
 from tests.faults import record_fault
@@ -258,6 +264,46 @@ def test_a_resume_neither_repeats_nor_rehits_skipped_pairs(damage_data, tmp_path
         assert len(set(keys) - damaged - set(run)) < 4 * WORKERS  # under a batch per worker left, as always
 
 
+def test_evaluation_skips_a_damaged_held_out_shards_pairs_counts_them_and_bounds_them(damage_data, tmp_path,
+                                                                                       caplog):
+    """The held-out set read as the trainer reads it for evaluation (evaluate.read_pairs), then the
+    pre-training job's zero-shot retrieval on it with the tiny model: a result over the undamaged
+    pairs and their skipped count; past data.max_skipped_fraction, one error naming the shard."""
+    url, cfg, vocab = damage_data
+    copy, manifest = _copy((url, cfg), tmp_path)
+    done, lost, _, first = _damage("header_checksum", copy, manifest)
+    name = manifest["shards"][1]["name"]
+    keys = _pair_keys(str(url))
+    undamaged = sorted(pair for pair, key in keys.items() if key not in lost)
+    caplog.set_level(logging.WARNING, logger="pixelbert_dist.evaluate")
+    held_out = read_pairs(Manifest(str(copy)), max_skipped_fraction=0.1)  # 60 pairs: 6 may be skipped
+    run = PRETRAINING.resolve(cfg, load_tokenizer(str(vocab)))
+    torch.manual_seed(0)
+    metrics = zero_shot_retrieval(PixelBert(run.cfg.model), held_out, run, "cpu")
+    logged = [r.getMessage() for r in caplog.records]
+    with pytest.raises(DataDamageError) as stopped:
+        read_pairs(Manifest(str(copy)), max_skipped_fraction=0.05)  # 3 of 60 may be skipped: 5 are damaged
+    checks = {
+        "the undamaged pairs, each once": sorted((p.shard, p.index) for p in held_out) == undamaged,
+        "the result is over them": metrics["captions"] == len(undamaged)
+        and metrics["images"] == len(set(keys.values()) - lost),
+        "their skipped count": held_out.skipped == len(keys) - len(undamaged) == 5,
+        "the shard's first bad sample logged": any(
+            name in m and f"sample {first['key']!r} at offset {first['offset']}" in m for m in logged),
+        "past the bound: one line naming the shard": re.fullmatch(
+            rf"held-out set .*: pairs skipped: 5, more than data.max_skipped_fraction=0.05 allows \(3\); "
+            rf"damaged shards: {re.escape(name)} \(bad_tar 5\)\. .*", str(stopped.value)) is not None,
+    }
+    record_fault(dict(fault="damaged held-out shard (evaluation)",
+                      what_was_done=f"{done}; the held-out set read for evaluation, zero-shot retrieval on it; "
+                                    "read again with data.max_skipped_fraction under the damage",
+                      expected="the evaluation runs on the undamaged pairs and reports the skipped count; the "
+                               "shard's first bad sample logged; past the bound, one error naming the shard",
+                      pairs_lost=len(undamaged) - len(held_out), pairs_repeated=len(held_out) - len(set(
+                          (p.shard, p.index) for p in held_out)), recovery_s=None, passed=all(checks.values())))
+    assert all(checks.values()), ({k: v for k, v in checks.items() if not v}, metrics, logged, stopped.value)
+
+
 # ---------------------------------------------------------------------------- the run, as a job
 
 def _job_argv(shards: Path, vocab: Path, workdir: Path, **settings) -> list[str]:
@@ -302,21 +348,28 @@ def test_past_the_bound_every_rank_stops_with_one_line_naming_the_shards(damage_
                                            for _, err in outputs),
         "no damaged pair trained": not any(keys[p] in lost for p in trained),
     }
+    with sqlite3.connect(tmp_path / "mlruns.db") as con:  # rank 0's MLflow run, in MLflow's own store
+        runs = con.execute("select status from runs").fetchall()
+        failure = con.execute("select value from tags where key = 'failure'").fetchall()
+    said = lines[0][0].removeprefix("error: ") if lines[0] else None
+    checks["the MLflow run FAILED, that line its `failure` tag"] = runs == [("FAILED",)] and failure == [(said,)]
     record_fault(dict(fault="damage past data.max_skipped_fraction (set to 0: stop at the first)",
                       what_was_done=f"one sample of {name} with a bad header checksum; 2 ranks (deepspeed-launcher "
                                     "environment), 1 loader worker each",
                       expected="every rank exits 1 with the same one line naming the shard, pairs and bound; no "
-                               "traceback on the console; no damaged pair trained",
+                               "traceback on the console; no damaged pair trained; the MLflow run ends FAILED "
+                               "with that line as its `failure` tag",
                       pairs_lost=0, pairs_repeated=len(trained) - len(set(trained)), recovery_s=None,
                       passed=all(checks.values())))
-    assert all(checks.values()), ({k: v for k, v in checks.items() if not v}, lines, outputs[0][1][-3000:])
+    assert all(checks.values()), ({k: v for k, v in checks.items() if not v}, lines, runs, failure,
+                                  outputs[0][1][-3000:])
 
 
-def _open_writer(fifo: Path, proc: subprocess.Popen, timeout: float) -> int | None:
+def _open_writer(fifo: Path, proc: subprocess.Popen | None, timeout: float) -> int | None:
     """Open `fifo`'s writing end once a reader waits in open() for it (that reader then goes on);
-    None if `proc` ends or `timeout` passes first."""
+    None if `proc` (unless None) ends or `timeout` passes first."""
     deadline = time.time() + timeout
-    while proc.poll() is None and time.time() < deadline:
+    while (proc is None or proc.poll() is None) and time.time() < deadline:
         try:
             return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         except OSError as err:  # ENXIO: no reader yet
@@ -353,22 +406,27 @@ def test_the_training_process_is_gone_within_2_s_of_a_worker_error(damage_data, 
     finally:
         if proc.poll() is None:
             proc.kill()
-        for fifo in (writer, _open_writer(copy / second, proc, 0.5)):  # a worker still waiting goes on and ends
+        # a worker still waiting goes on and ends (the job has gone: it is an orphan stuck in open())
+        for fifo in (writer, _open_writer(copy / second, None, 2)):
             if fifo is not None:
                 os.close(fifo)
     text = log.read_text()
     [line] = [line for line in text.splitlines() if line.startswith("error:")] or [""]
+    with sqlite3.connect(tmp_path / "mlruns.db") as con:
+        ended = con.execute("select status, (select value from tags where key = 'failure') from runs").fetchall()
     checks = {"exit 1": proc.returncode == 1, "gone within 2 s": gone_s < 2.0,
               "one line naming the worker's error and shard": "in a loader worker" in line and first in line,
-              "no traceback": "Traceback" not in text}
+              "no traceback": "Traceback" not in text,
+              "the MLflow run FAILED with that line": ended == [("FAILED", line.removeprefix("error: "))]}
     record_fault(dict(fault="a loader worker's error (not damage): exit time",
                       what_was_done=f"1 rank, 2 loader workers; each one's shard a FIFO: the test opened worker 0's "
                                     f"({first}), which then failed (illegal seek); worker 1 stayed stuck in its read",
                       expected="the training process gone within 2 s of the worker's error, with one line naming "
-                               "the error and the shard (torch's shutdown would join each worker for 5 s)",
+                               "the error and the shard (torch's shutdown would join each worker for 5 s); its "
+                               "MLflow run FAILED with that line",
                       pairs_lost=None, pairs_repeated=None, recovery_s=round(gone_s, 2),
                       passed=all(checks.values())))
-    assert all(checks.values()), ({k: v for k, v in checks.items() if not v}, gone_s, text[-3000:])
+    assert all(checks.values()), ({k: v for k, v in checks.items() if not v}, gone_s, ended, text[-3000:])
 
 
 def test_only_a_collective_that_timed_out_or_lost_its_peer_is_reported_as_a_lost_node():

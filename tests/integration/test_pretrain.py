@@ -284,22 +284,38 @@ def test_a_missing_mirror_bucket_is_an_error_before_any_step(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_launcher_under_ray_job_submit_on_a_ray_start_cluster(data, tmp_path, ray_head):
-    argv = _argv(data, tmp_path, train__max_steps=3)
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head["jobs"], "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps({"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-                                                        "PIXELBERT_RAY_STORAGE": str(tmp_path / "ray"),
-                                                        **{k: v for k, v in os.environ.items()
-                                                           if k.startswith("AWS_")}}}),
-         "--", "python", "-m", "pixelbert_dist.pretrain", "--launcher", "ray", "--num-workers", "2", *argv],
-        env=ray_head["env"], capture_output=True, text=True, timeout=600)
-    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+def test_sharding_and_pretraining_under_ray_job_submit_on_a_ray_start_cluster(data, tmp_path, ray_head):
+    # the user's path on a cluster, with token authentication as docs/training.md sets it up: the
+    # sharding job, then pre-training on its shards with Ray Train workers (one head for both)
+    from data_pipeline import verify
+    from data_pipeline.synthetic import generate
+    captions = generate(tmp_path / "syn", 10, seed=3)
+    shards = tmp_path / "shards"
+
+    def submit(*entrypoint: str, env_vars: dict | None = None) -> subprocess.CompletedProcess:
+        runtime = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+        return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_head["jobs"], "--working-dir",
+                               str(REPO), *runtime, "--", *entrypoint],
+                              env=ray_head["env"], capture_output=True, text=True, timeout=600)
+
+    done = submit("python", "-m", "data_pipeline.shard", "--source",
+                  f"coco:captions={captions},images={tmp_path / 'syn' / 'images'}", "--out", str(shards),
+                  "--shard-size", "4", "--no-progress")
+    assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((shards / "manifest.json").read_text())["num_samples"] == 10 and verify.main([str(shards)]) == 0
+
+    argv = _argv(data, tmp_path, train__max_steps=3, data__train_manifest=shards)
+    done = submit("python", "-m", "pixelbert_dist.pretrain", "--launcher", "ray", "--num-workers", "2", *argv,
+                  env_vars={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+                            "PIXELBERT_RAY_STORAGE": str(tmp_path / "ray")})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     with sqlite3.connect(tmp_path / "mlruns.db") as con:
         tags = dict(con.execute("select key, value from tags").fetchall())
         params = dict(con.execute("select key, value from params").fetchall())
     assert tags["launcher"] == "ray" and params["world_size"] == "2"
     assert (tmp_path / "ckpt" / "step00000003" / "complete.json").exists()
+    trained = {shard.partition("/")[0] for row in _pairs_log(tmp_path) for shard, _ in row["pairs"]}
+    assert trained and all((shards / name).is_file() for name in trained)  # the sharding job's shards
 
 
 def test_ray_workers_run_in_the_folder_the_job_was_started_from(tmp_path, monkeypatch, capsys, ray_local):

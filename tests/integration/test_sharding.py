@@ -401,18 +401,3 @@ def test_kill_minus_9_mid_run_then_rerun_gives_the_uninterrupted_dataset(tmp_pat
         [p.read_bytes() for p in sorted(clean.glob("*.samples.npy"))]
     assert not list(crashed.glob(".tmp-*"))
     assert verify.main([str(crashed)]) == 0
-
-
-@pytest.mark.slow
-def test_runs_unchanged_under_ray_job_submit_on_a_ray_start_cluster(tmp_path, ray_head):
-    path = generate(tmp_path / "syn", 10, seed=3)
-    out = tmp_path / "out"
-    submit = subprocess.run(
-        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_head["jobs"],
-         "--working-dir", str(REPO), "--", "python", "-m", "data_pipeline.shard",
-         "--source", f"coco:captions={path},images={tmp_path / 'syn' / 'images'}", "--out", str(out),
-         "--shard-size", "4", "--no-progress"],
-        env=ray_head["env"], capture_output=True, text=True, timeout=300)
-    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    assert "succeeded" in submit.stdout
-    assert _manifest(out)["num_samples"] == 10 and verify.main([str(out)]) == 0

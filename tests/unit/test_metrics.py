@@ -1,3 +1,8 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -5,6 +10,7 @@ import torch
 
 from pixelbert_dist import metrics
 from pixelbert_dist.metrics import StepTimer, datasheet_peak, device_peak, mfu
+from tests.launch import REPO
 
 
 def test_mfu_of_known_numbers():
@@ -102,3 +108,36 @@ def test_gpu_peak_comes_from_the_table_and_memory_from_torch():
     peak = device_peak("bf16")
     assert peak.flops > 1e13
     assert metrics.peak_memory_gib() >= 0
+
+
+# A process with a tracked run (rank 0's tracker, a real MLflow sqlite store) that forks a child, as
+# the loader forks its workers after the run started, then is sent SIGTERM, as torchrun and the
+# deepspeed launcher stop their ranks.
+_SIGTERMED = """
+import os, signal, sys
+from mlflow import MlflowClient
+from pixelbert_dist.config import TrackingConfig
+from pixelbert_dist.tracking import Tracker
+
+tracker = Tracker(TrackingConfig(uri=sys.argv[1], experiment="sigterm"), enabled=True)
+run_id = tracker.start(None, {"train.seed": 1}, {"job": "pretrain"})
+worker = os.fork()
+if worker == 0:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(0)  # not reached: it dies of the signal
+_, status = os.waitpid(worker, 0)
+print("worker died of", os.WTERMSIG(status) if os.WIFSIGNALED(status) else None, "run",
+      MlflowClient().get_run(run_id).info.status, flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+signal.pause()  # not reached
+"""
+
+
+def test_sigterm_ends_the_mlflow_run_killed_and_the_process_still_dies_of_it(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _SIGTERMED, f"sqlite:///{tmp_path / 'mlruns.db'}"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    with sqlite3.connect(tmp_path / "mlruns.db") as con:
+        ended = con.execute("select status, (select value from tags where key = 'failure') from runs").fetchall()
+    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr[-3000:]
+    assert f"worker died of {signal.SIGTERM.value} run RUNNING" in done.stdout  # the child left the run alone
+    assert ended == [("KILLED", "stopped by SIGTERM")]
