@@ -8,7 +8,6 @@ holding an earlier run's steps 5 and 8 (keep_last=1)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +148,51 @@ def test_more_eval_folds_than_the_test_set_can_hold_warns_and_reports_all_images
     caplog.clear()
     assert usable_folds(3, seven, log) == 3 and usable_folds(1, seven, log) == 1  # folds of 2 and 7 images
     assert caplog.text == ""
+
+
+def _newcomer_path() -> list[list[str]]:
+    """The command block after <!-- newcomer-path --> in docs/training.md, as argument lists."""
+    import shlex
+    text = (REPO / "docs" / "training.md").read_text().split("<!-- newcomer-path -->\n", 1)[1]
+    block = text.split("\n\n", 1)[0]
+    return [shlex.split(line.strip().replace("$REPO", str(REPO))) for line in block.splitlines()]
+
+
+@pytest.mark.slow
+def test_the_newcomers_path_runs_as_the_docs_write_it_from_another_folder(tmp_path):
+    """docs/training.md's block, command by command, in a folder outside the repository (the
+    package as pip installed it, no PYTHONPATH): data, tokenizer, pre-training, export,
+    fine-tuning from the export, export of the fine-tuned model; then both load."""
+    import os
+
+    from pixelbert_dist.model import PixelBert
+    from pixelbert_dist.tokenizer import load_tokenizer
+
+    commands = _newcomer_path()
+    assert [c[2] for c in commands] == ["data_pipeline.synthetic", "data_pipeline.shard", "pixelbert_dist.tokenizer",
+                                        "pixelbert_dist.pretrain", "pixelbert_dist.export", "pixelbert_dist.finetune",
+                                        "pixelbert_dist.export"]
+    elsewhere = tmp_path / "first-run"
+    elsewhere.mkdir()
+    env = {k: v for k, v in job_env(RAY_USAGE_STATS_ENABLED="0").items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    for command in commands:
+        assert command[0] == "python"
+        done = subprocess.run([sys.executable, *command[1:]], cwd=elsewhere, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    os.chdir(elsewhere)  # the docs' Python lines, with their relative paths
+    try:
+        pretrained = PixelBert.from_pretrained("exported/tiny")
+        fine_tuned = export.load_exported("exported/retrieval")
+    finally:
+        os.chdir(REPO)
+    vocab = load_tokenizer(str(elsewhere / "data" / "synthetic" / "vocab.txt")).get_vocab()
+    assert pretrained.tokenizer.get_vocab() == vocab and fine_tuned.tokenizer.get_vocab() == vocab
+    assert type(fine_tuned).__name__ == "PixelBertForRetrieval" and not fine_tuned.training
+    trained_body = fine_tuned.body.state_dict()
+    assert any(not torch.equal(trained_body[k], v) for k, v in pretrained.state_dict().items() if k in trained_body)
+    from_checkpoint = PixelBert.from_pretrained(elsewhere / "runs" / "tiny" / "checkpoints" / "step00000020")
+    assert all(torch.equal(a, b) for a, b in zip(from_checkpoint.state_dict().values(),
+                                                  pretrained.state_dict().values()))
+    assert from_checkpoint.tokenizer.get_vocab() == vocab  # data.tokenizer, found from the run's folder
+    assert from_checkpoint.preprocessing == pretrained.preprocessing
