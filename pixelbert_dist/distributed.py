@@ -9,6 +9,7 @@ gloo, so those small collectives never wait for the GPU.
 A rank waits at most `train.collective_timeout_s` for the others in any one collective (gloo's
 and NCCL's default is 30 minutes): a node that vanishes without closing its sockets (a link
 down, a kernel panic) is found in that time, and each surviving rank stops with `PeerLost`.
+`init` gives it to the world group, `bound_every_group` to the groups DeepSpeed makes.
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ def init(launcher: str | None = None, timeout_s: float = 300.0) -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher)
+
+
+def bound_every_group(timeout_s: float) -> None:
+    """Give every process group that exists now `timeout_s` (train.collective_timeout_s); call it
+    once the engine is built.
+
+    torch gives a group made by new_group() without a timeout the backend's default (gloo: 30
+    minutes), not the world group's. DeepSpeed makes its groups that way, among them its copy of
+    the world group that ZeRO reduces gradients on: a node lost mid-backward kept the others
+    waiting there for 30 minutes, while one lost during the per-step vote was found in time.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # torch lists its groups only in _world (its own _add_ephemeral_timeout_for_all_pgs reads it too)
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if dist.get_rank(group) >= 0:  # -1: a group this rank is not in
+            dist.set_timeout(timeout, group)
 
 
 def agree_and_sum(flag: bool, count: int) -> tuple[bool, int]:

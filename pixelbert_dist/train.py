@@ -87,6 +87,8 @@ class Trainer:
                           device=dist_info.device)
         prepare_for_training(getattr(model, "body", model), cfg.train, dist_info.device)  # a task model's body
         self.engine = build_engine(model, optimizer, scheduler, self.ds_config)
+        if dist_info.launcher != "ray":  # Ray Train made the world group, with Ray's own timeout
+            distributed.bound_every_group(cfg.train.collective_timeout_s)
         self.checkpointer.bind(self.engine, scheduler, self.loader, self, cfg.to_dict())
         self.tracker = Tracker(cfg.tracking, enabled=dist_info.is_main)
         self.metrics = TrainingMetrics(spec.output_keys, timer, self.tracker, dist_info, cfg.train.log_every,
@@ -191,8 +193,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The job's held-out evaluation on data.eval_manifest (every rank takes part)."""
         if self.eval_pairs is None:
-            self.eval_pairs = evaluate.read_pairs(self.eval_manifest, self.spec.eval_images(self.cfg))
+            self.eval_pairs = evaluate.read_pairs(self.eval_manifest, self.spec.eval_images(self.cfg),
+                                                  self.cfg.data.max_skipped_fraction)
         metrics = self.spec.evaluate(self.engine.module, self.eval_pairs, self.run, self.dist.device)
+        metrics["skipped_pairs"] = float(self.eval_pairs.skipped)  # damaged held-out pairs left out
         self.eval_metrics = {f"{self.spec.eval_prefix}.{k}": v for k, v in metrics.items()}
         self.tracker.metrics(self.eval_metrics, self.step)
         if self.dist.is_main:

@@ -108,6 +108,7 @@ def test_two_rank_zero_run_learns_checkpoints_and_tracks(data, tmp_path, stage, 
     metrics = _metrics(tmp_path / "mlruns.db")  # in MLflow's chart sections: the part before '/'
     assert [s for s, _ in metrics["eval/zeroshot/text_r1"]] == [4, 8]
     assert [v for _, v in metrics["eval/zeroshot/images"]] == [6, 6]
+    assert metrics["eval/zeroshot/skipped_pairs"] == [(4, 0.0), (8, 0.0)]  # none damaged
     assert all(0 <= v <= 100 for key in ("eval/zeroshot/text_r1", "eval/zeroshot/image_r10") for _, v in metrics[key])
     for key in ("train/loss", "train/mlm_loss", "train/itm_loss", "train/mlm_accuracy", "train/itm_accuracy",
                 "lr/cnn", "lr/transformer", "perf/samples_per_s", "perf/data_wait_fraction", "data/skipped_samples",

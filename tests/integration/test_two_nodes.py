@@ -321,18 +321,18 @@ def test_two_nodes_kill_minus_9_of_one_node_and_resume_from_the_mirror_on_fresh_
 
 
 COLLECTIVE_TIMEOUT_S = 20  # train.collective_timeout_s in the link-down test
+# docs/faults.md: a lost node is found within the collective timeout plus the rank's work before
+# its next collective (a step, a checkpoint write) and the launcher's exit; 15 s here
+LOST_BOUND_S = COLLECTIVE_TIMEOUT_S + 15
 
 
 @pytest.mark.slow
-# Passed twice on 2026-12-05 (node 0 out 24.5 s after the link dropped), then once node 0 was still running
-# 110 s after it: some wait does not honour train.collective_timeout_s yet (issue 24 stays open for it).
-# Non-strict until found, so a hang is reported (its fault row says FAIL) without blocking CI.
-@pytest.mark.xfail(strict=False, raises=subprocess.TimeoutExpired,
-                   reason="node 0 sometimes outlives the collective timeout after a link drop (issue 24)")
 def test_two_nodes_a_link_down_is_found_within_the_collective_timeout_and_resume_auto_finishes(cluster, tmp_path):
     """Node 1's veth goes down mid-epoch: no socket is closed, packets just stop (a cable pulled,
     a kernel panic). Node 0's rank waits in its collective for train.collective_timeout_s, then
-    stops, naming the step and what timed out; both nodes resume from the mirror."""
+    stops, naming the step and what timed out; both nodes resume from the mirror. The wait is
+    bounded in whichever collective node 0 is in: the per-step vote on the world group, or ZeRO's
+    gradient reduction in backward on DeepSpeed's own copy of it (which once waited 30 minutes)."""
     mirror = "s3://ckpt/link"
     timeout = (f"--train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",)
 
@@ -345,7 +345,11 @@ def test_two_nodes_a_link_down_is_found_within_the_collective_timeout_and_resume
     _ip("-n", nodes.ns[1], "link", "set", nodes.veth[1], "down")
     down_at = time.time()
     try:
-        run1[0].wait(timeout=COLLECTIVE_TIMEOUT_S + 90)
+        try:
+            run1[0].wait(timeout=LOST_BOUND_S + 60)
+        except subprocess.TimeoutExpired:  # a hang: stopped here, and the row below says FAIL
+            os.killpg(run1[0].pid, signal.SIGKILL)
+            run1[0].wait(timeout=30)
         lost_s = time.time() - down_at
     finally:
         if run1[1].poll() is None:  # cut off from everything: it ends in its own time, or now
@@ -357,7 +361,7 @@ def test_two_nodes_a_link_down_is_found_within_the_collective_timeout_and_resume
     result = cluster.resume_and_check(tmp_path, mirror, (*timeout, "--checkpoint.every_steps=1000"))
     checks = {
         "node 0 failed": run1[0].returncode != 0,
-        "within the bound": lost_s < COLLECTIVE_TIMEOUT_S + 15,
+        f"within the bound ({LOST_BOUND_S} s; took {lost_s:.1f} s)": lost_s < LOST_BOUND_S,
         "one line naming the step and what timed out": len(said) == 1 and "timed out" in said[0].lower(),
         "no traceback from node 0's rank": "Traceback" not in log0.split("lost the other ranks")[0][-20000:]
         and "[rank0]: Traceback" not in log0,
@@ -371,8 +375,9 @@ def test_two_nodes_a_link_down_is_found_within_the_collective_timeout_and_resume
                        f"{lost_s:.1f} s later ({said[0].split(': ', 1)[1][:160] if said else 'no line'}); link up, "
                        f"both nodes resumed with --resume auto from the mirror's step {result['resume_step']} of "
                        f"{result['steps']}"),
-        expected="node 0 exits non-zero within the collective timeout (+15 s) with one line naming the step and "
-                 "what timed out, no traceback; the resumed job ends the epoch with every pair once",
+        expected=f"node 0 exits non-zero within the collective timeout (+{LOST_BOUND_S - COLLECTIVE_TIMEOUT_S} s) "
+                 "with one line naming the step and what timed out, no traceback; the resumed job ends the epoch "
+                 "with every pair once",
         pairs_lost=result["lost"], pairs_repeated=result["repeated"],
         recovery_s=round(lost_s + result["first_step_s"], 1), passed=all(checks.values())))
     assert all(checks.values()), ({k: v for k, v in checks.items() if not v}, said, log0[-3000:])
