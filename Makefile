@@ -65,8 +65,9 @@ downstream: $(STAMP)
 	    --pretrained $(DEMO)/checkpoints --tokenizer $(DEMO)/vocab/vocab.txt --work runs/downstream
 
 # MLflow's own UI, looked at in headless Chromium (Debian's package, installed if absent):
-# a screenshot of a fresh run's page under benchmarks/results/ and a check that it shows the
-# run's metrics and artifacts.
+# two short runs with the same seed, checked through the REST API (names, experiment kind,
+# metric sections) and on screen (experiment, compare-runs, charts, run and artifacts pages);
+# screenshots and the checks under benchmarks/results/, the compare view in docs/images/.
 .PHONY: mlflow-ui-check
 mlflow-ui-check: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)

@@ -108,9 +108,21 @@ def metric_name(key: str) -> str:
 
 
 def run_name(tags: dict, params: dict, started: float) -> str:
-    """A name a person can tell apart in a list of runs: job, model, start time."""
-    model = f"{params.get('model.backbone', 'model')} L{params.get('model.num_layers', '?')}"
-    return f"{tags.get('job', 'run')} {model} {time.strftime('%m-%d %H:%M:%S', time.localtime(started))}"
+    """A name a person can tell apart in a list of runs: start time, job, model. The time comes
+    first: MLflow's runs table and chart legends cut names at ~20 characters."""
+    model = f"{params.get('model.backbone', 'model')}-L{params.get('model.num_layers', '?')}"
+    return f"{time.strftime('%m%d-%H%M%S', time.localtime(started))} {tags.get('job', 'run')} {model}"
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to see the run: its page on the tracking server, or how to serve a local store.
+    `workflowType=machine_learning` opens MLflow 3's training view (runs, charts); without it
+    the UI opens on the GenAI one unless the browser remembers the switch."""
+    path = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        return f"{urlunsplit((parts.scheme, parts.netloc.rpartition('@')[2], parts.path.rstrip('/'), '', ''))}/{path}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{path}"
 
 
 class Tracker:
@@ -155,6 +167,8 @@ class Tracker:
                                        log_system_metrics=True)
                 mlflow.log_params({k: str(v)[:500] for k, v in redact(params).items()})
             mlflow.set_tags(redact(tags))
+            log.info("MLflow run %r: %s", run.info.run_name, ui_link(redact(uri), run.info.experiment_id,
+                                                                     run.info.run_id))
             return run.info.run_id
 
         self.run_id = self._call("start", begin)

@@ -102,7 +102,8 @@ class TrainingMetrics:
         metrics = {k: total[k] / world for k in self.output_keys}
         metrics["samples_per_s"] = total["samples"] / max(elapsed, 1e-9)
         metrics["data_wait_fraction"] = total["data_wait_fraction"] / world
-        metrics.update({k: total[k] for k in counters}, **extra)
+        # a reason's counter from its first skip on: nine charts of zeros would open the UI's data section
+        metrics.update({k: total[k] for k in counters if total[k] or not k.startswith("data/skipped/")}, **extra)
         metrics.update({k: v for k, v in timing.items() if k.startswith(("time.", "frac.")) or k in _TIMING_KEYS})
         metrics.update(self.progress(step))
         self.tracker.metrics(metrics, step)

@@ -80,3 +80,19 @@ def test_mlflow_gets_metrics_in_sections():
         "train/loss", "train/itm_accuracy", "eval/zeroshot/text_r1", "eval/vqa_accuracy", "perf/mfu",
         "perf/samples_per_s", "phase/forward_s", "phase/data_fraction", "lr/cnn", "progress/eta_h",
         "data/skipped_samples", "data/pairs/coco"]
+
+
+def test_runs_are_named_time_first_and_linked_to_the_training_view():
+    import time as clock
+
+    from pixelbert_dist.tracking import run_name, ui_link
+    started = clock.mktime((2026, 12, 5, 9, 14, 7, 0, 0, -1))
+    names = [run_name({"job": "pretrain"}, {"model.backbone": "resnet50", "model.num_layers": "12"}, started + dt)
+             for dt in (0, 1)]
+    assert names[0] == "1205-091407 pretrain resnet50-L12"
+    assert names[0][:20] != names[1][:20]  # MLflow's runs table shows about 20 characters
+    assert ui_link("http://mlflow.internal:5000/", "3", "abc") == \
+        "http://mlflow.internal:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    local = ui_link("sqlite:///runs/mlruns.db", "1", "abc")
+    assert local.startswith("`mlflow ui --backend-store-uri sqlite:///runs/mlruns.db`") and local.endswith(
+        "http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning")
