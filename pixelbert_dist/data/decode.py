@@ -104,7 +104,7 @@ class DaliDecoder:
         if len(kept_rows) < len(info.jpegs):
             batch, kept = drop_images(batch, kept_rows)
             info = BatchInfo([info.keys[i] for i in kept], [info.pairs[i] for i in kept], info.consumed,
-                             info.skipped + len(info.keys) - len(kept), info.truncated)
+                             info.skipped + len(info.keys) - len(kept), info.truncated, skips=info.skips)
         info.jpegs = None
         return batch, info
 

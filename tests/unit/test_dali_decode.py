@@ -198,3 +198,23 @@ def test_mixed_gpu_path_augments_as_the_cpu_path(jpegs):
     assert torch.equal(mask.cpu(), reference_mask)
     diff = grey_levels(images.cpu(), reference).permute(1, 0, 2, 3)[:, mask.cpu()]
     assert diff.mean() <= 2.0
+
+
+def test_the_gpu_paths_batch_keeps_the_workers_skip_reasons_when_an_image_fails(jpegs):
+    # The loader counts skips by reason from BatchInfo.skips (damage found while reading the
+    # shard) and puts whatever else was skipped under corrupt_image (DALI's own failures): a
+    # rebuilt BatchInfo without the worker's skips filed bad_tar pairs under corrupt_image.
+    from pixelbert_dist.config import DataConfig
+    from pixelbert_dist.data.decode import DaliDecoder
+    from pixelbert_dist.data.types import BatchInfo, PretrainBatch, Skipped
+
+    ids = torch.arange(12).view(3, 4)
+    batch = PretrainBatch(None, None, ids, torch.ones_like(ids), ids, torch.tensor([1, 0, 1]), torch.arange(3))
+    worker_skip = Skipped("000001.tar", "bad_tar", 2, "000001.tar: sample 7 at offset 5120: bad header checksum")
+    info = BatchInfo(["a", "b", "c"], [("000000.tar", 0), ("000000.tar", 1), ("000000.tar", 2)],
+                     {"000000.tar": [[0, 3]], "000001.tar": [[0, 2]]}, skipped=2, truncated=0,
+                     jpegs=[(jpegs[0], None), (b"not a jpeg", None), (jpegs[2], None)], skips=[worker_skip])
+    decoded, info = DaliDecoder(DataConfig(image_short_side=SHORT, image_long_side=LONG), 3).finish(batch, info)
+    assert info.pairs == [("000000.tar", 0), ("000000.tar", 2)] and decoded.input_ids.tolist() == [ids[0].tolist(),
+                                                                                                 ids[2].tolist()]
+    assert info.skipped == 3 and info.skips == [worker_skip]  # the failed image on top, the reasons kept
