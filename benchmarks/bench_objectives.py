@@ -53,24 +53,32 @@ def prepare(work: Path, num_images: int, heldout_images: int) -> Path:
     wanted = {"num_images": num_images, "heldout_images": heldout_images}
     if done.is_file() and json.loads(done.read_text()) == wanted:
         return work
-    py = sys.executable
-    shard = ["--shard-size", "100", "--max-short-side", "128", "--max-long-side", "192", "--no-progress", "--overwrite"]
-    for name, images, seed in (("synthetic", num_images, 0), ("heldout", heldout_images, 1)):
-        _check([py, "-m", "data_pipeline.synthetic", "--out", str(work / name), "--num-images", str(images),
-                "--seed", str(seed)])
-        _check([py, "-m", "data_pipeline.shard", "--out", str(work / f"{name}-shards"), *shard, "--source",
-                f"coco:captions={work / name}/annotations/captions.json,images={work / name}/images"])
-    _check([py, "-m", "pixelbert_dist.tokenizer", "--captions", str(work / "synthetic/annotations/captions.json"),
-            "--out", str(work / "vocab")])
+    import ray
+
+    from data_pipeline import shard, synthetic
+    from pixelbert_dist import tokenizer
+    settings = ["--shard-size", "100", "--max-short-side", "128", "--max-long-side", "192", "--no-progress",
+                "--overwrite"]
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")  # one cluster for both sharding jobs
+    try:
+        for name, images, seed in (("synthetic", num_images, 0), ("heldout", heldout_images, 1)):
+            _check(synthetic.main, ["--out", str(work / name), "--num-images", str(images), "--seed", str(seed)])
+            _check(shard.main, ["--out", str(work / f"{name}-shards"), *settings, "--source",
+                                f"coco:captions={work / name}/annotations/captions.json,images={work / name}/images"])
+    finally:
+        ray.shutdown()
+    _check(tokenizer.main, ["--captions", str(work / "synthetic/annotations/captions.json"), "--out",
+                            str(work / "vocab")])
     done.write_text(json.dumps(wanted))
     return work
 
 
-def _check(argv: list[str]) -> None:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(argv[:3])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+def _check(main, argv: list[str]) -> None:
+    """A job's `main(argv)`, in this process; a non-zero exit stops the benchmark, naming the job."""
+    code = main(argv)
+    if code:
+        raise SystemExit(f"{main.__module__} {' '.join(argv[:2])} failed ({code})")
 
 
 def _free_port() -> int:

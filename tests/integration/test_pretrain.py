@@ -190,25 +190,33 @@ def test_resume_reproduces_the_uninterrupted_run_and_2_ranks_resume_as_1(data, t
 
 
 @pytest.mark.slow
-def test_compiled_zero2_run_trains_on_the_eager_runs_losses(data, tmp_path):
+def test_compiled_zero2_run_trains_on_the_eager_runs_losses(data, tmp_path, monkeypatch):
     # train.compile under the DeepSpeed engine (ZeRO-2's gradient hooks on compiled modules),
-    # frozen norms folded, canvases bucketed to 128 px. CNN widths 16..128: see test_step_options.
+    # frozen norms folded, canvases bucketed to 128 px. CNN widths 16..128: torch 2.14.1's inductor
+    # aborts in the CPU backward of 8-channel convs (torchvision's own ResNet too).
     # The eager run also meets a tracking server that is down: a warning, not the run's end.
+    from pixelbert_dist import checkpoint
+    from pixelbert_dist.model import PixelBert
     losses = {}
     for compiled in (False, True):
         workdir = tmp_path / f"compile-{compiled}"
         tracking = {} if compiled else {"tracking__uri": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
-        done = _torchrun(1, _argv(data, workdir, train__max_steps=3, train__compile=compiled,
-                                  model__train_backbone_norm="false", model__backbone_widths="[16,32,64,128]",
-                                  data__pad_multiple=128, data__num_workers=0, train__micro_batch_size=4,
-                                  train__global_batch_size=4, **tracking), workdir)
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(workdir / "inductor"))  # what inductor compiled
+        argv = _argv(data, workdir, train__max_steps=3, train__compile=compiled, model__train_backbone_norm="false",
+                     model__backbone_widths="[16,32,64,128]", data__pad_multiple=128, data__num_workers=0,
+                     train__micro_batch_size=4, train__global_batch_size=4, **tracking)
+        done = _torchrun(1, argv, workdir)
         assert done.returncode == 0, done.stderr[-3000:]
         losses[compiled] = [r["loss"] for r in _pairs_log(workdir)]
+        assert any((workdir / "inductor").rglob("*.py")) == compiled  # compiled kernels only where asked
         if not compiled:
             assert "MLflow start failed" in done.stderr and "training continues without tracking" in done.stderr
-            assert (workdir / "ckpt" / "step00000003" / "complete.json").exists()
     assert len(losses[True]) == 3
+    # Inductor fuses and reorders float arithmetic: the same losses to float tolerance, not bit for bit.
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    # Module.compile keeps the parameter names: the compiled run's checkpoint loads into a plain model
+    cfg = load_config(TINY, argv[2:])
+    checkpoint.load_weights_only(PixelBert(cfg.model), tmp_path / "compile-True" / "ckpt", "step00000003")
 
 
 def test_deepspeed_json_conflicts_and_shapes_are_named_before_training(tmp_path):

@@ -320,7 +320,7 @@ def test_two_nodes_kill_minus_9_of_one_node_and_resume_from_the_mirror_on_fresh_
     assert _s3(cluster.nodes, 0, "tags", mirror)[-1] == final
 
 
-COLLECTIVE_TIMEOUT_S = 20  # train.collective_timeout_s in the link-down test
+COLLECTIVE_TIMEOUT_S = 12  # train.collective_timeout_s in the link-down test (also the rendezvous timeout)
 # docs/faults.md: a lost node is found within the collective timeout plus the rank's work before
 # its next collective (a step, a checkpoint write) and the launcher's exit; 15 s here
 LOST_BOUND_S = COLLECTIVE_TIMEOUT_S + 15
