@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	# DeepSpeed JIT-builds its CPU shm comm op (~20 s) at a job's start: build it once here, where
+	# the tests look for it (tests/conftest.py), with the venv's ninja.
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions DS_ACCELERATOR=cpu \
+	    $(PY) -c "from deepspeed.accelerator import get_accelerator; \
+	    get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" 2>/dev/null
 	touch $(STAMP)
 
 test: $(STAMP)

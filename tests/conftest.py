@@ -7,7 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# DeepSpeed JIT-builds its shm comm op (18 s) at init. It was rebuilt over and over: ninja from
+# DeepSpeed JIT-builds its shm comm op (18 s) at init (`make venv` builds it ahead). It was rebuilt over and over: ninja from
 # the venv (1.13) and the system's (1.11) hash commands differently, so jobs started with and
 # without the venv on PATH each found the other's build stale; and ~/.cache/torch_extensions is
 # shared with other checkouts. The venv first on PATH, as if activated, and one folder per venv:

@@ -3,10 +3,10 @@
     pbnode0-PID  10.213.0.1/24  moto_server (shards + checkpoint mirror), node rank 0, the master
     pbnode1-PID  10.213.0.2/24  node rank 1
 
-Two ways to lose node 1 mid-epoch, each followed by `--resume auto` on fresh local folders:
-its rank killed (its sockets close: node 0 hears at once), or its link taken down (nothing
-closes: node 0 waits out train.collective_timeout_s). Both tests share the namespaces, the S3
-server and the shards (the module's `cluster`).
+Two ways to lose node 1 mid-epoch: its rank killed (its sockets close: node 0 hears at once),
+or its link taken down (nothing closes: node 0 waits out train.collective_timeout_s), the
+latter followed by `--resume auto` on fresh local folders from the S3 mirror. Both tests
+share the namespaces, the S3 server and the shards (the module's `cluster`).
 
 Each node runs `deepspeed --hostfile H --no_ssh --node_rank N --master_addr 10.213.0.1`, with
 gloo on its own veth (GLOO_SOCKET_IFNAME) and its own checkpoint folder; they share only the
@@ -278,13 +278,16 @@ def _pairs(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_nodes_kill_minus_9_of_one_node_and_resume_from_the_mirror_on_fresh_nodes(cluster, tmp_path):
+def test_two_nodes_kill_minus_9_of_one_node_fails_the_job_at_once(cluster, tmp_path):
+    """Node 1's rank killed: its sockets close and node 0 hears at once. The resume from the
+    mirror on fresh nodes is the link-down test's (the same --resume auto, after the same kind of
+    stop mid-epoch with a checkpoint upload possibly cut): one resume serves both."""
     mirror = "s3://ckpt/kill"
 
     def logs() -> str:
         return "".join((tmp_path / f"node{n}-run1.log").read_text()[-3000:] for n in (0, 1))
 
-    # run 1: train until the mirror holds a complete checkpoint, then kill -9 node 1's rank
+    # train until the mirror holds a complete checkpoint, then kill -9 node 1's rank
     import psutil
     run1 = [cluster.start(tmp_path, n, "run1", mirror) for n in (0, 1)]
     cluster.first_checkpoint(mirror, run1, logs)
@@ -296,28 +299,21 @@ def test_two_nodes_kill_minus_9_of_one_node_and_resume_from_the_mirror_on_fresh_
     run1[0].wait(timeout=120)
     fail_s = time.time() - killed_at
     run1[1].wait(timeout=60)
-    assert run1[0].returncode != 0, "node 0 ended well: the kill came after the epoch's end"
-    assert run1[1].returncode != 0
-    assert fail_s < 60, f"node 0 took {fail_s:.0f} s to fail"  # it noticed; no hang
-
-    # run 2: both nodes on fresh local folders; --resume auto fetches the mirror's newest checkpoint
-    result = cluster.resume_and_check(tmp_path, mirror)
+    complete = _s3(cluster.nodes, 0, "tags", mirror)
     from tests.faults import record_fault
     record_fault(dict(  # before the asserts: a failure is a row too
         fault="two nodes (network namespaces over veth): kill -9 of node 1's rank mid-epoch",
         what_was_done=(f"one deepspeed --no_ssh launcher per node, checkpoints every 2 steps mirrored to S3; "
-                       f"node 1's rank killed after the first mirrored checkpoint (node 0 failed {fail_s:.1f} s "
-                       f"later); both nodes resumed with --resume auto on fresh local folders from the mirror's "
-                       f"step {result['resume_step']} of {result['steps']} (first step {result['first_step_s']:.1f} s "
-                       f"after the restart; {result['redone']} rank-steps trained after that checkpoint were redone)"),
-        expected="node 0 exits non-zero without hanging; the resumed job ends the epoch; every pair once",
-        pairs_lost=result["lost"], pairs_repeated=result["repeated"],
-        recovery_s=round(fail_s + result["first_step_s"], 1), passed=cluster.every_pair_once(result)))
-    assert cluster.every_pair_once(result), result
-    final = f"step{result['steps']:08d}"
-    assert (tmp_path / "node0" / "ckpt-run2" / final / "complete.json").exists()
-    assert any("zero_pp_rank_1_" in p.name for p in (tmp_path / "node1" / "ckpt-run2" / final).rglob("*"))
-    assert _s3(cluster.nodes, 0, "tags", mirror)[-1] == final
+                       f"node 1's rank killed after the first mirrored checkpoint: node 0 failed {fail_s:.1f} s later; "
+                       f"the mirror's complete checkpoints: {', '.join(complete) or 'none'} (the resume from it: "
+                       f"the link-down row)"),
+        expected="both nodes exit non-zero, node 0 within 60 s (no hang); the mirror keeps a complete checkpoint",
+        pairs_lost=None, pairs_repeated=None, recovery_s=round(fail_s, 1),
+        passed=run1[0].returncode != 0 and run1[1].returncode != 0 and fail_s < 60 and bool(complete)))
+    assert run1[0].returncode != 0, "node 0 ended well: the kill came after the epoch's end"
+    assert run1[1].returncode != 0
+    assert fail_s < 60, f"node 0 took {fail_s:.0f} s to fail"  # it noticed; no hang
+    assert complete, logs()
 
 
 COLLECTIVE_TIMEOUT_S = 12  # train.collective_timeout_s in the link-down test (also the rendezvous timeout)
