@@ -38,7 +38,7 @@ bench-sharding: $(STAMP) benchmarks/.venv-img2dataset/bin/img2dataset
 
 # The main job end to end on this machine: synthetic data -> Ray sharding -> 2-process
 # DeepSpeed ZeRO-2 pre-training of the tiny config -> MLflow, with zero-shot retrieval on 100
-# held-out images every 550 steps. Under 10 minutes on 2 cores.
+# held-out images every 550 steps. About 3.5 minutes on 2 cores.
 DEMO := runs/demo
 DEMO_STEPS ?= 2200
 .PHONY: demo
