@@ -16,17 +16,15 @@ batch gains over `none` on the same path. Writes <out>/augment_<hardware>_<date>
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_loader import COCO_SIZES, SETTINGS, photo_jpeg, time_pass, unavailable, versions  # noqa: E402
-from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+from benchmarks.bench_loader import SETTINGS, image_bench_args, photo_batches, time_pass, unavailable, versions  # noqa: E402
+from benchmarks.common import markdown_table, write_results  # noqa: E402
 from pixelbert_dist.config import DataConfig  # noqa: E402
 from pixelbert_dist.data.augment import Augmenter, apply  # noqa: E402
 from pixelbert_dist.data.batch import decode_resize  # noqa: E402
@@ -35,7 +33,6 @@ from pixelbert_dist.data.types import pad_images  # noqa: E402
 POLICIES = {"none": {}, "vilt": {"augment_randaugment": 2},
             "all": {"augment_flip": 0.5, "augment_color_jitter": 0.4, "augment_randaugment": 2}}
 PATHS = ["pil", "dali-cpu", "dali-mixed"]
-REPEATS = 3
 
 
 def make_method(path: str, cfg: DataConfig, batch_size: int):
@@ -51,20 +48,11 @@ def make_method(path: str, cfg: DataConfig, batch_size: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--quick", action="store_true", help="8 images, one pass: a smoke run")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md/.json")
-    args = parser.parse_args(argv)
-    repeats = REPEATS
-    if args.quick:
-        args.num_images, args.batch_size, repeats = min(args.num_images, 8), min(args.batch_size, 4), 1
+    args = image_bench_args(argv, __doc__, 64, 16, quick_images=8, quick_batch=4)
+    repeats = args.repeats
     torch.set_num_threads(1)  # CPU rows: one core each
 
-    rng = np.random.default_rng(0)
-    jpegs = [photo_jpeg(*COCO_SIZES[i % len(COCO_SIZES)], rng) for i in range(args.num_images)]
-    batches = [jpegs[i:i + args.batch_size] for i in range(0, len(jpegs), args.batch_size)]
+    batches = photo_batches(args.num_images, args.batch_size)
     rows = []
     for setting, (short, long) in SETTINGS.items():
         for path in PATHS:

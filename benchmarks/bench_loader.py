@@ -59,6 +59,30 @@ def photo_jpeg(width: int, height: int, rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
+def photo_batches(num_images: int, batch_size: int) -> list[list[bytes]]:
+    """The image benchmarks' inputs: `num_images` photo-like JPEGs at COCO sizes (seed 0), in batches."""
+    rng = np.random.default_rng(0)
+    jpegs = [photo_jpeg(*COCO_SIZES[i % len(COCO_SIZES)], rng) for i in range(num_images)]
+    return [jpegs[i:i + batch_size] for i in range(0, len(jpegs), batch_size)]
+
+
+def image_bench_args(argv: list[str] | None, doc: str, num_images: int, batch_size: int, quick_images: int,
+                     quick_batch: int) -> argparse.Namespace:
+    """The image benchmarks' command line (this one's and bench_augment.py's): `--quick` shrinks
+    the inputs to a smoke run of one pass; `repeats` is the number of timed passes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=num_images)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--quick", action="store_true", help=f"{quick_images} images, one pass: a smoke run for tests")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    args.repeats = REPEATS
+    if args.quick:
+        args.num_images, args.batch_size = min(args.num_images, quick_images), min(args.batch_size, quick_batch)
+        args.repeats = 1
+    return args
+
+
 def torchvision_method(short: int, long: int, device: str) -> Method:
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import InterpolationMode
@@ -141,20 +165,11 @@ def versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-images", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--quick", action="store_true", help="16 images, one pass: a smoke run for tests")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md/.json/.png")
-    args = parser.parse_args(argv)
-    repeats = REPEATS
-    if args.quick:
-        args.num_images, args.batch_size, repeats = min(args.num_images, 16), min(args.batch_size, 8), 1
+    args = image_bench_args(argv, __doc__, 256, 32, quick_images=16, quick_batch=8)
+    repeats = args.repeats
     torch.set_num_threads(1)  # CPU rows: one core each
 
-    rng = np.random.default_rng(0)
-    jpegs = [photo_jpeg(*COCO_SIZES[i % len(COCO_SIZES)], rng) for i in range(args.num_images)]
-    batches = [jpegs[i:i + args.batch_size] for i in range(0, len(jpegs), args.batch_size)]
+    batches = photo_batches(args.num_images, args.batch_size)
     rows = []
     for setting, (short, long) in SETTINGS.items():
         methods, firsts, passes = {}, {}, {}
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     columns = ["setting", "method", "device", "cpu threads", "images", "batch", "images/s", "ms/batch",
                "vs pil", "max abs diff vs pil (levels)", "mean abs diff vs pil (levels)", "status"]
-    notes = [f"{args.num_images} JPEGs at COCO sizes (quality 90, {sum(map(len, jpegs)) / 1e6:.1f} MB), "
+    notes = [f"{args.num_images} JPEGs at COCO sizes (quality 90, {sum(len(j) for batch in batches for j in batch) / 1e6:.1f} MB), "
              f"batches of {args.batch_size}; fastest of {repeats} pass(es) per method, "
              "passes of all methods alternating, after one warm-up batch each.",
              "setting = shorter side / longer-side cap, the loader's resize rule (`resized_size`).",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -32,7 +31,7 @@ from data_pipeline.answers import normalize_answer
 from pixelbert_dist import distributed
 from pixelbert_dist.config import DataConfig, redact
 from pixelbert_dist.data.batch import decode_resize
-from pixelbert_dist.data.loader import DataDamageError, past_the_bound
+from pixelbert_dist.data.loader import DataDamageError, count_damage, past_the_bound
 from pixelbert_dist.data.plan import Manifest, Segment
 from pixelbert_dist.data.stream import Pair, read_segment_skipping
 from pixelbert_dist.data.types import TOKEN_STRIDE, pad_images
@@ -112,12 +111,10 @@ def read_pairs(manifest: Manifest, max_images: int = 0,
             if max_images and pair.key not in images and len(images) == max_images:
                 continue  # (a damaged pair's key is "": past the images asked for, not counted)
             if pair.damage is not None:
-                if logs and shard not in damaged:
+                first = " ".join(str(pair.damage.error).split())
+                if count_damage(damaged, shard, pair.damage.reason, 1, first) and logs:
                     log.warning("skipping damaged held-out data in %s (%s; more in this shard is counted, not "
-                                "logged): %s", shard, pair.damage.reason, " ".join(str(pair.damage.error).split()))
-                counted = damaged.setdefault(shard, {"pairs": 0, "reasons": Counter()})
-                counted["pairs"] += 1
-                counted["reasons"][pair.damage.reason] += 1
+                                "logged): %s", shard, pair.damage.reason, first)
                 continue
             images.add(pair.key)
             pairs.append(pair)

@@ -119,9 +119,9 @@ def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
     `workflowType=machine_learning` opens MLflow 3's training view (runs, charts); without it
     the UI opens on the GenAI one unless the browser remembers the switch."""
     path = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
+    if uri.startswith(("http://", "https://")):  # (move_credentials has taken any user info out)
         parts = urlsplit(uri)
-        return f"{urlunsplit((parts.scheme, parts.netloc.rpartition('@')[2], parts.path.rstrip('/'), '', ''))}/{path}"
+        return f"{urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip('/'), '', ''))}/{path}"
     return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{path}"
 
 

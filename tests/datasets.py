@@ -1,5 +1,6 @@
 """Test data the project makes itself: synthetic shapes, sharded by the real sharding job; a
-dataset turned back into the format v1 wrote; a sample table damaged where only its rows show it."""
+dataset turned back into the format v1 wrote; a sample table damaged where only its rows show it;
+and a dataset read back as the trainer's loaders read it, rank by rank."""
 
 from __future__ import annotations
 
@@ -67,3 +68,25 @@ def shift_table_row(storage: Storage, shard_index: int, row: int, by: int) -> st
     entry.update(table_bytes=len(out.getvalue()), table_sha256=digest(out.getvalue()))
     storage.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return table["key"][row].decode()
+
+
+def run_loaders(url, data_cfg, world: int, workers: int = 0, batch: int = 4, state: dict | None = None,
+                stop: int | None = None) -> tuple[list[list[tuple]], dict]:
+    """`world` ranks' StreamingLoaders in lockstep over one epoch of `url` (from `state` if
+    given), `stop` steps at most: each step's [(batch, info) of every rank], and the ranks' states
+    merged as a checkpoint holds them."""
+    from pixelbert_dist.data.loader import StreamingLoader, merge_states
+
+    loaders = [StreamingLoader(str(url), data_cfg, batch, rank=r, world_size=world, num_workers=workers, seed=1)
+               for r in range(world)]
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+    streams = [loader.epoch_batches() for loader in loaders]
+    steps = []
+    while stop is None or len(steps) < stop:
+        try:
+            steps.append([next(s) for s in streams])
+        except StopIteration:
+            break
+    return steps, merge_states([loader.state_dict() for loader in loaders])

@@ -236,13 +236,9 @@ class StreamingLoader:
         for skip in skips:
             self.skipped_by[skip.reason] += skip.pairs
             placed += skip.pairs
-            damaged = self.damaged.get(skip.shard)
-            if damaged is None:
+            if count_damage(self.damaged, skip.shard, skip.reason, skip.pairs, skip.first):
                 log.warning("skipping damaged data in %s (data/skipped/%s; more in this shard is counted, not "
                             "logged): %s", skip.shard, skip.reason, skip.first)
-                damaged = self.damaged[skip.shard] = {"pairs": 0, "reasons": Counter(), "first": skip.first}
-            damaged["pairs"] += skip.pairs
-            damaged["reasons"][skip.reason] += skip.pairs
         self.skipped_by["corrupt_image"] += info.skipped - placed  # DALI's failed images: counted, not placed
 
     def next_epoch(self) -> None:
@@ -303,6 +299,16 @@ def merge_states(states: list[dict]) -> dict:
             "epoch_skipped": sum(s.get("epoch_skipped", 0) for s in states),
             "truncated": sum(s.get("truncated", 0) for s in states),
             "pairs_by_dataset": dict(sum((Counter(s.get("pairs_by_dataset", {})) for s in states), Counter()))}
+
+
+def count_damage(damaged: dict[str, dict], shard: str, reason: str, pairs: int, first: str) -> bool:
+    """Count `pairs` of `shard` skipped for `reason` into `damaged` (shard -> pairs, reasons, its
+    first error: what past_the_bound names); True when the shard is new there (log it once)."""
+    new = shard not in damaged
+    entry = damaged.setdefault(shard, {"pairs": 0, "reasons": Counter(), "first": first})
+    entry["pairs"] += pairs
+    entry["reasons"][reason] += pairs
+    return new
 
 
 def damage_error(reports: list[dict[str, dict]], skipped: int, bound: int, fraction: float, step: int,

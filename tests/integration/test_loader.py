@@ -15,9 +15,9 @@ from data_pipeline.shard_format import MANIFEST, ShardWriter
 from data_pipeline.storage import StorageError, s3_client
 from pixelbert_dist.config import load_config
 from pixelbert_dist.data.batch import resized_size
-from pixelbert_dist.data.loader import StreamingLoader, merge_states
+from pixelbert_dist.data.loader import StreamingLoader
 from pixelbert_dist.data.plan import Manifest
-from tests.datasets import synthetic_shards
+from tests.datasets import run_loaders, synthetic_shards
 from tests.conftest import TINY
 
 
@@ -30,21 +30,7 @@ def dataset(tmp_path_factory, ray_local):
 
 
 def _run(url, cfg, world, workers, batch=4, state=None, stop=None):
-    loaders = [StreamingLoader(str(url), cfg.data, batch, rank=r, world_size=world, num_workers=workers, seed=1)
-               for r in range(world)]
-    for loader in loaders:
-        if state is not None:
-            loader.load_state_dict(state)
-    streams = [loader.epoch_batches() for loader in loaders]
-    steps = []
-    for step in range(10_000):
-        if stop is not None and step == stop:
-            break
-        try:
-            steps.append([next(s) for s in streams])
-        except StopIteration:
-            break
-    return steps, merge_states([loader.state_dict() for loader in loaders])
+    return run_loaders(url, cfg.data, world, workers, batch, state, stop)
 
 
 def _pairs(steps):

@@ -22,7 +22,6 @@ from pixelbert_dist.config import ConfigError, DataConfig, FinetuneConfig, Model
 from pixelbert_dist.data.augment import Augmenter, Draw, apply, mirror_text
 from pixelbert_dist.data.batch import BatchBuilder, decode_resize, resized_size
 from pixelbert_dist.data.decode import CpuDecoder
-from pixelbert_dist.data.loader import StreamingLoader, merge_states
 from pixelbert_dist.data.plan import Manifest, Segment
 from pixelbert_dist.data.stream import Pair, read_segment
 from pixelbert_dist.data.task_batch import TaskBatchBuilder
@@ -31,6 +30,7 @@ from pixelbert_dist.model import VisualEmbedding
 from pixelbert_dist.spec import ResolvedRun
 from pixelbert_dist.tasks import TASKS, task_model, vqa
 from pixelbert_dist.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from tests.datasets import run_loaders
 
 WORDS = ["a", "the", "dog", "cat", "on", "of", "left", "right", "leftover", "bright", "copyright", "outright",
          "sign", "is", "what", "side", "which", "hand", "-", ",", ".", "?", "red", "blue", "yes", "no"]
@@ -165,19 +165,9 @@ def test_the_decode_stage_flips_each_image_with_its_text(vocab, dataset):
 
 
 def _run(root, cfg, world, batch=4, state=None, stop=None, workers=0):
-    loaders = [StreamingLoader(str(root), cfg, batch, rank=r, world_size=world, seed=1, num_workers=workers)
-               for r in range(world)]
-    for loader in loaders:
-        if state is not None:
-            loader.load_state_dict(state)
-    streams = [loader.epoch_batches() for loader in loaders]
-    steps = []
-    while stop is None or len(steps) < stop:
-        try:
-            steps.append([next(s) for s in streams])
-        except StopIteration:
-            break
-    return [item for step in steps for item in step], merge_states([loader.state_dict() for loader in loaders])
+    """The ranks' (batch, info) items of every step, in order, and the merged state."""
+    steps, state = run_loaders(root, cfg, world, workers, batch, state, stop)
+    return [item for step in steps for item in step], state
 
 
 def _per_pair(items) -> dict[tuple[str, int], tuple[torch.Tensor, list[int] | None]]:
